@@ -1,0 +1,1 @@
+"""Host-side request handling: detokenization (and, with the engine, LLM / AsyncEngine)."""

@@ -1,0 +1,165 @@
+"""Building blocks shared by the decoder-only families (Llama, Mistral, Qwen2, Qwen3).
+
+Activations are flat ragged tokens: `x` is [T, D] for T tokens of any number of sequences, with an
+explicit `positions` [T]. Attention goes through an `AttentionBackend` over the paged KV cache, so the
+same forward serves a single-sequence generate, the engine's mixed prefill/decode steps and a user's
+own `jax.jit`. Einsum letters are listed in docs/GLOSSARY.md.
+
+Weights keep an explicit head layout ([D, N, H] for q, [N, H, D] for o) so sharding rules can name
+the head axis; the loaders convert Hugging Face's [out, in] matrices once at load time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.attention import AttentionBackend, AttentionMetadata, AttentionSpec, LayerCache
+from jaxserve.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: Array) -> Array:  # [..., D] -> [..., D]
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with the rope scaling of the config applied."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate-half RoPE (the HF/NeoX layout). x [T, N, H], positions [T], inv_freq [H/2]."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]   # [T, H/2]
+    cos = jnp.cos(freqs)[:, None, :].astype(x.dtype)                       # [T, 1, H/2]
+    sin = jnp.sin(freqs)[:, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nnx.Param(_normal(rngs, (d, n, h), dtype))   # DNH
+        self.wk = nnx.Param(_normal(rngs, (d, k, h), dtype))   # DKH
+        self.wv = nnx.Param(_normal(rngs, (d, k, h), dtype))   # DKH
+        self.wo = nnx.Param(_normal(rngs, (n, h, d), dtype))   # NHD
+        self.qkv_bias = cfg.qkv_bias
+        if cfg.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((n, h), dtype))
+            self.bk = nnx.Param(jnp.zeros((k, h), dtype))
+            self.bv = nnx.Param(jnp.zeros((k, h), dtype))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
+        self.rope = cfg.rope        # static: inverse frequencies are compile-time constants
+        self.head_dim = h
+        self.spec = AttentionSpec(scale=h ** -0.5, sliding_window=cfg.sliding_window)
+
+    def __call__(self, x: Array, positions: Array, cache: LayerCache, meta: AttentionMetadata,
+                 backend: AttentionBackend) -> tuple[Array, LayerCache]:
+        q = jnp.einsum("TD,DNH->TNH", x, self.wq[...])
+        k = jnp.einsum("TD,DKH->TKH", x, self.wk[...])
+        v = jnp.einsum("TD,DKH->TKH", x, self.wv[...])
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = jnp.asarray(rope_inv_freq(self.head_dim, self.rope))
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        out, cache = backend(q, k, v, cache, meta, positions, self.spec)   # [T, N, H]
+        return jnp.einsum("TNH,NHD->TD", out, self.wo[...]), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate = nnx.Param(_normal(rngs, (d, f), dtype))  # DF
+        self.w_up = nnx.Param(_normal(rngs, (d, f), dtype))    # DF
+        self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))  # FD
+
+    def __call__(self, x: Array) -> Array:  # [T, D] -> [T, D]
+        gate = jnp.einsum("TD,DF->TF", x, self.w_gate[...])
+        up = jnp.einsum("TD,DF->TF", x, self.w_up[...])
+        return jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.w_down[...])
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, cache, meta, backend):
+        h, cache = self.attn(self.input_norm(x), positions, cache, meta, backend)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache
+
+
+class CausalLM(nnx.Module):
+    """A decoder-only transformer over flat ragged tokens and a paged KV cache.
+
+    `__call__` returns final hidden states [T, D] for every token; `compute_logits` projects only the
+    rows the caller selects, so the engine pays for the LM head only where it samples.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))  # VD
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))  # VD
+
+    def __call__(
+        self,
+        input_ids: Array,        # [T] int32
+        positions: Array,        # [T] int32
+        kv_caches: list[LayerCache],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> tuple[Array, list[LayerCache]]:  # hidden [T, D], updated caches
+        x = self.embed[...][input_ids]
+        new_caches = []
+        for layer, cache in zip(self.layers, kv_caches):
+            x, cache = layer(x, positions, cache, meta, backend)
+            new_caches.append(cache)
+        return self.norm(x), new_caches
+
+    def compute_logits(self, hidden: Array) -> Array:  # [S, D] -> [S, V] float32
+        w = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("SD,VD->SV", hidden, w, preferred_element_type=jnp.float32)

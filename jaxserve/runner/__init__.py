@@ -1,0 +1,1 @@
+"""Device side: the jitted model step and the code that feeds it."""
