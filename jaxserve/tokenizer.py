@@ -81,3 +81,14 @@ def tokenizer_from_gguf_fields(field: Callable[[str], Any], *, source: str = "gg
     if template:
         out.chat_template = template
     return out
+
+
+def encode_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
+                chat_template: str | None = None) -> list[int]:
+    """Render `messages` with the chat template and tokenize the result (no extra BOS: the
+    template already writes the special tokens it wants)."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise TokenizerError("this model's tokenizer has no chat template; use a plain prompt")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False, chat_template=chat_template)
+    return tokenizer.encode(text, add_special_tokens=False)

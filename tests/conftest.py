@@ -1,0 +1,96 @@
+"""Shared fixtures. The HF transformers reference runs in its own interpreter (one with torch):
+
+  1. $JAXSERVE_REF_PYTHON if set,
+  2. .venv-ref/bin/python in the repository (created by `scripts/setup.sh --test`),
+  3. this interpreter, if it can import torch (the GPU machine).
+It runs once per session and writes tiny checkpoints + reference logits/tokens under a temp dir.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import parity_cases as pc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference_python() -> str | None:
+    env = os.environ.get("JAXSERVE_REF_PYTHON")
+    if env:
+        return env
+    venv = os.path.join(ROOT, ".venv-ref", "bin", "python")
+    if os.path.exists(venv):
+        return venv
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    return None
+
+
+class Reference:
+    def __init__(self, root: str):
+        self.root = root
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def npz(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(os.path.join(self.root, name, "reference.npz")) as z:
+            return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from jaxserve.loading import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """The embedded default loaded once (float32 on CPU)."""
+    from jaxserve.loading import load_model
+    return load_model(smollm_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm_chat_prompts(smollm) -> list[list[int]]:
+    from jaxserve.tokenizer import encode_chat
+    return [encode_chat(smollm.tokenizer, [{"role": "user", "content": c}]) for c in pc.SMOLLM_CHATS]
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tmp_path_factory, smollm_path, smollm_chat_prompts) -> Reference:
+    py = reference_python()
+    if py is None:
+        pytest.fail("no interpreter with torch for the HF transformers reference: run "
+                    "`scripts/setup.sh --test` (creates .venv-ref) or set JAXSERVE_REF_PYTHON")
+    root = str(tmp_path_factory.mktemp("hf_reference"))
+    jobs = []
+    for i, (name, cfg) in enumerate(pc.TINY_FAMILIES.items()):
+        cfg = {k: v for k, v in cfg.items() if k != "architectures"}
+        jobs.append({"kind": "tiny", "name": name, "config": cfg, "seed": 100 + i,
+                     "out_dir": os.path.join(root, name), "prompts": pc.tiny_prompts(),
+                     "max_new_tokens": pc.TINY_NEW_TOKENS,
+                     **({"max_shard_size": "60KB"} if name in pc.SHARDED else {})})
+    jobs.append({"kind": "gguf", "name": "smollm2", "path": smollm_path,
+                 "out_dir": os.path.join(root, "smollm2"), "prompts": smollm_chat_prompts,
+                 "max_new_tokens": pc.SMOLLM_NEW_TOKENS})
+    jobs.append({"kind": "tokenize", "name": "tokenizer", "path": smollm_path,
+                 "out_dir": os.path.join(root, "tokenizer"), "texts": pc.TOKENIZER_TEXTS})
+    plan = os.path.join(root, "plan.json")
+    with open(plan, "w") as f:
+        json.dump({"jobs": jobs}, f)
+    script = os.path.join(ROOT, "tests", "reference", "hf_reference.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([py, script, plan], capture_output=True, text=True, env=env, timeout=1500)
+    if proc.returncode != 0:
+        pytest.fail(f"HF reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return Reference(root)

@@ -1,0 +1,81 @@
+"""The paged jnp reference against a dense per-sequence attention written independently."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.attention import AttentionSpec, ReferenceBackend, build_metadata
+
+
+def dense_attention(q, k, v, q_pos, scale, window=None):
+    # q [n, N, H], k/v [L, K, H]: plain causal softmax attention of one sequence, float64
+    n, nh, h = q.shape
+    kh = k.shape[1]
+    g = nh // kh
+    k = np.repeat(k, g, axis=1)
+    v = np.repeat(v, g, axis=1)
+    s = np.einsum("qnh,lnh->nql", q, k) * scale
+    kv_pos = np.arange(k.shape[0])
+    mask = kv_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= q_pos[:, None] - kv_pos[None, :] < window
+    s = np.where(mask[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("nql,lnh->qnh", p, v)
+
+
+@pytest.mark.parametrize("nh,kh", [(4, 4), (8, 2), (7, 1), (16, 2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_prefill_decode_batch(nh, kh, window):
+    rng = np.random.default_rng(nh * 10 + kh)
+    page, h, pages = 4, 8, 40
+    # (already cached, new this step): a decode, a chunk continuing a prefill, a fresh prefill,
+    # one crossing several page boundaries, and an empty padded slot at the end
+    seqs = [(9, 1), (6, 7), (0, 5), (3, 14)]
+    perm = rng.permutation(np.arange(1, pages))  # shuffled page assignment, page 0 = null
+    tables, used = [], 0
+    for c, n in seqs:
+        need = -(-(c + n) // page)
+        tables.append(perm[used : used + need].tolist())
+        used += need
+    k_cache = np.full((pages, page, kh, h), np.nan, np.float32)  # unused pages are NaN
+    v_cache = np.full((pages, page, kh, h), np.nan, np.float32)
+    full_k = [rng.normal(size=(c + n, kh, h)).astype(np.float32) for c, n in seqs]
+    full_v = [rng.normal(size=(c + n, kh, h)).astype(np.float32) for c, n in seqs]
+    for (c, n), t, fk, fv in zip(seqs, tables, full_k, full_v):
+        for p in range(c):  # what earlier steps wrote
+            k_cache[t[p // page], p % page] = fk[p]
+            v_cache[t[p // page], p % page] = fv[p]
+    total = sum(n for _, n in seqs)
+    num_tokens, num_seqs = 32, 6
+    meta, positions = build_metadata([(t, c, n) for t, (c, n) in zip(tables, seqs)],
+                                     block_size=page, num_tokens=num_tokens, num_seqs=num_seqs,
+                                     max_blocks_per_seq=8)
+    q = rng.normal(size=(num_tokens, nh, h)).astype(np.float32)
+    k_new = np.zeros((num_tokens, kh, h), np.float32)
+    v_new = np.zeros((num_tokens, kh, h), np.float32)
+    off = 0
+    for (c, n), fk, fv in zip(seqs, full_k, full_v):
+        k_new[off : off + n], v_new[off : off + n] = fk[c:], fv[c:]
+        off += n
+    spec = AttentionSpec(scale=h ** -0.5, sliding_window=window)
+    k_cache[0] = 0.0  # the null page holds finite garbage in practice (padding writes)
+    v_cache[0] = 0.0
+    out, (kc, _) = ReferenceBackend()(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new),
+                                      (jnp.asarray(k_cache), jnp.asarray(v_cache)), meta,
+                                      jnp.asarray(positions), spec)
+    out = np.asarray(out)
+    off = 0
+    for (c, n), fk, fv in zip(seqs, full_k, full_v):
+        want = dense_attention(q[off : off + n].astype(np.float64), fk, fv,
+                               np.arange(c, c + n), h ** -0.5, window)
+        np.testing.assert_allclose(out[off : off + n], want, rtol=2e-5, atol=2e-5)
+        off += n
+    assert np.isfinite(out[:total]).all()
+    assert np.all(out[total:] == 0.0)  # padding tokens attend to nothing
+    # the new K landed in the right slots
+    c, n = seqs[3]
+    t = tables[3]
+    np.testing.assert_array_equal(np.asarray(kc)[t[(c + n - 1) // page], (c + n - 1) % page],
+                                  full_k[3][c + n - 1])
