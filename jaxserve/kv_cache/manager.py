@@ -1,0 +1,102 @@
+"""Per-request block tables on top of the `BlockPool`, with prefix caching.
+
+A request's block table only grows (append-only) until the request finishes or is preempted; then
+all its blocks are released at once, tail first. Blocks become prefix-cache entries as soon as
+every token in them is known and scheduled, so later requests (and a request's own siblings when
+`n > 1`) reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from jaxserve.kv_cache.block_pool import Block, BlockPool, hash_full_blocks
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self._blocks: dict[str, list[Block]] = {}
+        self._hashes: dict[str, list[bytes]] = {}
+        self._num_cached: dict[str, int] = {}
+        self.prefix_cache_queries = 0   # prompt tokens looked up
+        self.prefix_cache_hits = 0      # of which found in the cache
+
+    # -- prefix cache ---------------------------------------------------------------------------
+    def _hashes_for(self, req_id: str, token_ids: Sequence[int], upto_blocks: int) -> list[bytes]:
+        hashes = self._hashes.setdefault(req_id, [])
+        if len(hashes) < upto_blocks:
+            hashes.extend(hash_full_blocks(token_ids[: upto_blocks * self.block_size], self.block_size,
+                                           start=len(hashes), parent=hashes[-1] if hashes else None))
+        return hashes
+
+    def find_cached_prefix(self, req_id: str, token_ids: Sequence[int]) -> list[Block]:
+        """Longest run of cached full blocks at the start of `token_ids`. The last token is never
+        served from the cache: its logits are needed to sample."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits = []
+        for h in self._hashes_for(req_id, token_ids, max_blocks)[:max_blocks]:
+            blk = self.pool.lookup(h)
+            if blk is None:
+                break
+            hits.append(blk)
+        return hits
+
+    # -- allocation -----------------------------------------------------------------------------
+    def allocate_slots(self, req_id: str, token_ids: Sequence[int], num_computed: int,
+                       num_new: int, cached_prefix: Sequence[Block] = ()) -> bool:
+        """Make room for `num_new` more tokens after `num_computed` (which counts `cached_prefix`,
+        the prefix hits being attached now). False, with nothing changed, if blocks run out."""
+        blocks = self._blocks.setdefault(req_id, [])
+        total = num_computed + num_new
+        need = -(-total // self.block_size) - len(blocks) - len(cached_prefix)
+        reserved = sum(1 for b in cached_prefix if b.ref_cnt == 0)  # hits sitting in the free queue
+        if need > self.pool.num_free_blocks - reserved:
+            if not blocks:
+                self._blocks.pop(req_id, None)
+            return False
+        if cached_prefix:
+            self.pool.touch(cached_prefix)
+            blocks.extend(cached_prefix)
+        if need > 0:
+            blocks.extend(self.pool.allocate(need))
+        if self.enable_caching:
+            full = min(total, len(token_ids)) // self.block_size
+            start = self._num_cached.get(req_id, 0)
+            if full > start:
+                hashes = self._hashes_for(req_id, token_ids, full)
+                for i in range(start, full):
+                    self.pool.cache_block(blocks[i], hashes[i])
+                self._num_cached[req_id] = full
+        return True
+
+    def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_cache_queries += num_prompt_tokens
+        self.prefix_cache_hits += num_hit_tokens
+
+    def free(self, req_id: str) -> None:
+        blocks = self._blocks.pop(req_id, [])
+        self.pool.free(reversed(blocks))
+        self._hashes.pop(req_id, None)
+        self._num_cached.pop(req_id, None)
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(req_id, [])]
+
+    def num_blocks_of(self, req_id: str) -> int:
+        return len(self._blocks.get(req_id, []))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_usable_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()

@@ -1,0 +1,200 @@
+"""Scheduler + KV cache manager unit tests: pure Python, no JAX, milliseconds each."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.kv_cache.block_pool import BlockPool, hash_block_tokens, hash_full_blocks
+from jaxserve.kv_cache.manager import KVCacheManager
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.scheduler.buckets import bucket_pairs, make_buckets, pick_bucket
+from jaxserve.scheduler.request import Request
+from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=32, max_len=None, caching=True):
+    max_len = max_len or (num_blocks - 1) * block_size
+    kv = KVCacheManager(num_blocks, block_size, enable_caching=caching)
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len, block_size), kv)
+
+
+def req(rid, n_prompt, max_tokens=8, start=0, **kw):
+    return Request(rid, list(range(start, start + n_prompt)),
+                   SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw), eos_token_ids=(999,))
+
+
+def run_step(s, token=7):
+    out = s.schedule()
+    s.update_from_output(out, {q.request_id: token for q in out.seqs if q.sample})
+    return out
+
+
+def test_scheduler_imports_no_jax():
+    code = ("import sys, jaxserve.scheduler.scheduler, jaxserve.kv_cache.manager, "
+            "jaxserve.sampling.params; assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_budget_chunks_long_prompt_and_mixes_decodes():
+    s = make(budget=16)
+    s.add_request(req("a", 6))
+    out = run_step(s)
+    assert [len(q.token_ids) for q in out.seqs] == [6] and out.seqs[0].sample
+    s.add_request(req("b", 40, start=100))
+    out = run_step(s)
+    # decode of a (1 token) + a 15-token chunk of b's prompt, within the 16-token budget
+    assert [(q.request_id, len(q.token_ids), q.sample) for q in out.seqs] == [("a", 1, True), ("b", 15, False)]
+    out = run_step(s)
+    assert [(q.request_id, len(q.token_ids)) for q in out.seqs] == [("a", 1), ("b", 15)]
+    out = run_step(s)
+    assert [(q.request_id, len(q.token_ids), q.sample) for q in out.seqs] == [("a", 1, True), ("b", 10, True)]
+    assert out.seqs[1].num_computed_tokens == 30
+
+
+def test_max_num_seqs_queues_fcfs():
+    s = make(max_seqs=2)
+    for r in "abc":
+        s.add_request(req(r, 3))
+    out = run_step(s)
+    assert [q.request_id for q in out.seqs] == ["a", "b"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_preempts_newest_and_recomputes():
+    s = make(num_blocks=7, block_size=4, budget=64)  # 6 usable blocks
+    s.add_request(req("old", 8, max_tokens=20))      # 2 blocks
+    s.add_request(req("new", 12, max_tokens=20, start=100))  # 3 blocks
+    run_step(s)
+    assert s.kv.num_free_blocks == 1
+    for _ in range(4):  # both grow: old crosses into a 3rd block, then new needs its 4th
+        run_step(s)
+    assert s.num_preemptions >= 1
+    new = s.requests["new"]
+    assert new.num_preemptions >= 1 and new in s.waiting
+    assert s.requests["old"] in s.running
+    generated_before = list(new.output_token_ids)
+    assert generated_before  # it had produced tokens before it was preempted
+    # when old finishes, new is re-admitted and recomputes prompt + generated tokens in one go
+    while "old" in s.requests:
+        run_step(s)
+    out = s.schedule()
+    (seq,) = [q for q in out.seqs if q.request_id == "new"]
+    assert seq.num_computed_tokens == 0 and seq.token_ids == new.all_token_ids and seq.sample
+    assert [n.request_id for n in out.new_seqs] == ["new"]
+    assert out.new_seqs[0].output_token_ids == generated_before
+
+
+def test_cache_smaller_than_max_model_len_is_refused():
+    with pytest.raises(ValueError, match="max_model_len"):
+        make(num_blocks=5, block_size=4, max_len=32)
+
+
+def test_preempted_running_request_is_released_to_runner():
+    s = make(num_blocks=5, block_size=4, budget=64)   # 4 usable
+    s.add_request(req("a", 7, max_tokens=30))
+    s.add_request(req("b", 7, max_tokens=30))
+    run_step(s)
+    released = []
+    for _ in range(3):
+        released += run_step(s).released_ids
+    assert "b" in released
+
+
+def test_abort_frees_everything():
+    s = make(num_blocks=32)
+    for r in "abcd":
+        s.add_request(req(r, 9, max_tokens=50))
+    run_step(s)
+    run_step(s)
+    assert s.kv.num_free_blocks < s.kv.num_total_blocks
+    for r in "abcd":
+        s.finish_request(r, "abort")
+    assert s.kv.num_free_blocks == s.kv.num_total_blocks
+    assert not s.running and not s.waiting and not s.requests
+    assert sorted(s.schedule().released_ids) == list("abcd")
+    assert s.finish_request("a", "abort") is None  # idempotent
+
+
+def test_stop_rules_eos_min_tokens_max_tokens():
+    s = make()
+    s.add_request(req("eos", 3, max_tokens=10))
+    s.add_request(req("min", 3, max_tokens=10, start=50, min_tokens=2))
+    s.add_request(req("ign", 3, max_tokens=3, start=90, ignore_eos=True))
+    run_step(s, token=999)
+    assert s.requests.get("eos") is None
+    assert "min" in s.requests and "ign" in s.requests  # min_tokens / ignore_eos keep going
+    run_step(s, token=999)
+    assert "min" not in s.requests
+    run_step(s, token=999)
+    assert "ign" not in s.requests
+
+
+def test_prefix_cache_hit_and_lru_reuse():
+    s = make(num_blocks=16, block_size=4, budget=64)
+    s.add_request(req("a", 13, max_tokens=1))
+    while s.requests:
+        run_step(s)
+    assert s.kv.num_free_blocks == s.kv.num_total_blocks  # freed but still cached
+    s.add_request(req("b", 13, max_tokens=1))   # same prompt
+    out = s.schedule()
+    (seq,) = out.seqs
+    assert seq.num_computed_tokens == 12 and seq.token_ids == [12]  # 3 full blocks hit
+    assert s.kv.prefix_cache_hits == 12 and s.kv.prefix_cache_queries == 26
+
+
+def test_prefix_never_serves_last_token():
+    s = make(block_size=4)
+    s.add_request(req("a", 8, max_tokens=1))
+    while s.requests:
+        run_step(s)
+    s.add_request(req("b", 8, max_tokens=1))
+    out = s.schedule()
+    assert out.seqs[0].num_computed_tokens == 4 and len(out.seqs[0].token_ids) == 4
+
+
+def test_siblings_wait_for_leader_prompt():
+    s = make(block_size=4, budget=8)
+    p = SamplingParams(n=2, temperature=1.0, max_tokens=4)
+    lead = Request("r-0", list(range(12)), p)
+    sib = Request("r-1", list(range(12)), p, leader=lead)
+    s.add_request(lead)
+    s.add_request(sib)
+    out = s.schedule()
+    assert [q.request_id for q in out.seqs] == ["r-0"]
+    s.update_from_output(out, {})
+    out = s.schedule()
+    s.update_from_output(out, {q.request_id: 1 for q in out.seqs if q.sample})
+    out = s.schedule()
+    (sib_seq,) = [q for q in out.seqs if q.request_id == "r-1"]
+    assert sib_seq.num_computed_tokens == 8   # shares the leader's two full blocks
+
+
+def test_block_pool_hashes_and_eviction():
+    assert hash_block_tokens(None, [1, 2]) != hash_block_tokens(None, [2, 1])
+    h = hash_full_blocks([1, 2, 3, 4, 5], 2)
+    assert len(h) == 2 and h[1] == hash_block_tokens(h[0], [3, 4]) and len(h[0]) == 32
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.cache_block(a, b"x" * 32)
+    pool.free([b, a])
+    assert pool.lookup(b"x" * 32) is a
+    pool.allocate(2)  # takes b then c (LRU), a stays cached
+    assert pool.lookup(b"x" * 32) is a
+    pool.allocate(1)  # now a is reused and its cache entry dropped
+    assert pool.lookup(b"x" * 32) is None
+    with pytest.raises(RuntimeError):
+        pool.free([pool.blocks[1], pool.blocks[1], pool.blocks[1]])
+
+
+def test_buckets():
+    tokens, seqs = make_buckets(48, 6)
+    assert tokens == [1, 2, 4, 8, 16, 32, 48] and seqs == [1, 2, 4, 6]
+    assert pick_bucket(5, tokens) == 8 and pick_bucket(48, tokens) == 48
+    with pytest.raises(ValueError):
+        pick_bucket(49, tokens)
+    pairs = bucket_pairs(tokens, seqs)
+    assert (1, 1) in pairs and (4, 4) in pairs and (2, 4) not in pairs
+    for t in range(1, 49):
+        for n in range(1, min(t, 6) + 1):
+            assert (pick_bucket(t, tokens), pick_bucket(n, seqs)) in pairs
