@@ -8,7 +8,7 @@ import pytest
 from jaxserve.kv_cache.block_pool import BlockPool, hash_block_tokens, hash_full_blocks
 from jaxserve.kv_cache.manager import KVCacheManager
 from jaxserve.sampling.params import SamplingParams
-from jaxserve.scheduler.buckets import bucket_pairs, make_buckets, pick_bucket
+from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.request import Request
 from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -188,13 +188,14 @@ def test_block_pool_hashes_and_eviction():
 
 
 def test_buckets():
-    tokens, seqs = make_buckets(48, 6)
-    assert tokens == [1, 2, 4, 8, 16, 32, 48] and seqs == [1, 2, 4, 6]
-    assert pick_bucket(5, tokens) == 8 and pick_bucket(48, tokens) == 48
+    b = make_buckets(48, 6)
+    assert b == [(1, 1), (2, 2), (4, 4), (8, 6), (16, 6), (32, 6), (48, 6)]
+    assert pick_bucket(5, 3, b) == (8, 6) and pick_bucket(48, 6, b) == (48, 6)
     with pytest.raises(ValueError):
-        pick_bucket(49, tokens)
-    pairs = bucket_pairs(tokens, seqs)
-    assert (1, 1) in pairs and (4, 4) in pairs and (2, 4) not in pairs
+        pick_bucket(49, 1, b)
     for t in range(1, 49):
         for n in range(1, min(t, 6) + 1):
-            assert (pick_bucket(t, tokens), pick_bucket(n, seqs)) in pairs
+            bt, bs = pick_bucket(t, n, b)
+            assert bt >= t and bs >= n and (bt, bs) in b
+    with pytest.raises(ValueError):
+        make_buckets(8, 16)

@@ -14,7 +14,8 @@ from typing import Callable, Protocol
 import jax
 
 from jaxserve.attention.metadata import AttentionMetadata, AttentionSpec, build_metadata
-from jaxserve.attention.reference import paged_attention_reference, write_kv_reference
+from jaxserve.attention.reference import (paged_attention_blockwise, paged_attention_reference,
+                                         write_kv_reference)
 
 LayerCache = tuple[jax.Array, jax.Array]
 
@@ -28,13 +29,14 @@ class AttentionBackend(Protocol):
 
 
 class ReferenceBackend:
-    """Scatter K/V into the cache, then gather-and-softmax in pure jnp."""
+    """Pure jnp: scatter K/V into the cache, then a blockwise online-softmax over the pages
+    (`paged_attention_blockwise`, tested equal to the plain gather `paged_attention_reference`)."""
 
     name = "reference"
 
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
-        out = paged_attention_reference(q, k_cache, v_cache, meta, positions, spec)
+        out = paged_attention_blockwise(q, k_cache, v_cache, meta, positions, spec)
         return out, (k_cache, v_cache)
 
 
@@ -50,4 +52,5 @@ def get_backend(name: str = "auto") -> AttentionBackend:
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "AttentionSpec", "LayerCache", "ReferenceBackend",
-           "build_metadata", "get_backend", "paged_attention_reference", "write_kv_reference"]
+           "build_metadata", "get_backend", "paged_attention_blockwise", "paged_attention_reference",
+           "write_kv_reference"]

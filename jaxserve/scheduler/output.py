@@ -15,6 +15,7 @@ class NewSequence:
     output_token_ids: list[int]     # tokens already generated (non-empty after a preemption)
     params: SamplingParams
     seed: int                       # the request's sampling seed
+    eos_token_ids: tuple[int, ...]  # masked out (with stop_token_ids) until min_tokens is reached
 
 
 @dataclasses.dataclass

@@ -1,0 +1,301 @@
+"""EngineCore: the step loop shared by `LLM` (synchronous) and `AsyncEngine` (background thread).
+
+    add_request(id, prompt, params)    validate, tokenize, fan out n samples
+    step()                             schedule -> run on device -> stop rules, detokenize
+                                       -> RequestOutputs of the requests that changed
+    abort(id)                          finish with "abort", blocks back to the pool at once
+
+Token-level stop rules (EOS, stop_token_ids, max_tokens) live in the scheduler; stop strings are
+checked here on the incrementally detokenized text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.outputs import CompletionOutput, InvalidRequestError, Logprob, RequestOutput
+from jaxserve.kv_cache.manager import KVCacheManager
+from jaxserve.loading import LoadedModel
+from jaxserve.runner.compile import enable_persistent_cache
+from jaxserve.runner.model_runner import ModelRunner, Sampled
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.scheduler.request import Request
+from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int | None = None          # default: the model's max_position_embeddings
+    max_num_seqs: int | None = None           # default: 256 on GPU, 16 on CPU
+    max_num_batched_tokens: int | None = None  # default: 2048 on GPU, 256 on CPU
+    block_size: int = 16
+    num_kv_blocks: int | None = None          # usable pages; default: sized from free memory
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    seed: int = 0
+    compilation_cache_dir: str | None = "auto"
+    show_progress: bool = True
+
+
+def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_num_seqs: int,
+                    kv_itemsize: int) -> int:
+    """Usable KV pages: explicit, or from free device memory x gpu_memory_utilization."""
+    if ec.num_kv_blocks is not None:
+        return int(ec.num_kv_blocks)
+    per_block = ec.block_size * lm.config.kv_bytes_per_token(kv_itemsize)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        sampler = max_num_seqs * lm.config.vocab_size * 10
+        reserve = 1 << 30  # activations and workspace of the largest bucket
+        budget = stats["bytes_limit"] * ec.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        return max(int((budget - sampler - reserve) // per_block), 0)
+    # CPU: no memory stats; enough for every sequence at full length, capped at 2 GiB
+    tokens = min(max_num_seqs * max_model_len, (2 << 30) // lm.config.kv_bytes_per_token(kv_itemsize))
+    return -(-max(tokens, max_model_len) // ec.block_size)
+
+
+@dataclasses.dataclass
+class _Sample:
+    """Host-side state of one of a request's n samples."""
+    index: int
+    req: Request
+    detok: IncrementalDetokenizer | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative: float = 0.0
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: Any = None
+
+
+@dataclasses.dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    arrival: float
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class EngineCore:
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.lm = lm
+        self.config = config
+        self.tokenizer = lm.tokenizer
+        cfg = lm.config
+        on_cpu = jax.default_backend() == "cpu"
+        self.max_model_len = int(config.max_model_len or cfg.max_position_embeddings)
+        max_num_seqs = int(config.max_num_seqs or (16 if on_cpu else 256))
+        max_tokens = int(config.max_num_batched_tokens or (256 if on_cpu else 2048))
+        max_tokens = max(max_tokens, max_num_seqs)
+        enable_persistent_cache(config.compilation_cache_dir)
+        kv_itemsize = np.dtype(lm.dtype).itemsize
+        usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize)
+        self.kv_manager = KVCacheManager(usable + 1, config.block_size,
+                                         enable_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, self.max_model_len,
+                                                   config.block_size), self.kv_manager)
+        self.runner = ModelRunner(lm.model, block_size=config.block_size, num_blocks=usable + 1,
+                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
+                                  max_model_len=self.max_model_len,
+                                  attention_backend=config.attention_backend)
+        self.runner.warmup(progress=config.show_progress)
+        self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer is not None
+            and self.tokenizer.eos_token_id is not None else set())))
+        self._rng = np.random.default_rng(config.seed)
+        self._groups: dict[str, _Group] = {}
+        self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.requests_finished_total = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise InvalidRequestError("prompt_token_ids", "must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            prompt = prompt.get("prompt")
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt", "must be a string or {'prompt_token_ids': [...]}")
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", "this model has no tokenizer; pass prompt_token_ids")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model; returns its effective max_tokens."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        params.validate(self.lm.config.vocab_size)
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        v = self.lm.config.vocab_size
+        bad = [t for t in prompt_ids if t < 0 or t >= v]
+        if bad:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]} is outside the "
+                                                          f"vocabulary [0, {v})")
+        if n >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"the prompt has {n} tokens; max_model_len is "
+                                                f"{self.max_model_len}, leaving no room to generate")
+        if params.max_tokens is None:
+            return self.max_model_len - n
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
+                                                    f"({params.max_tokens}) exceeds max_model_len "
+                                                    f"({self.max_model_len})")
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        max_tokens = self.validate(ids, params)
+        eff = dataclasses.replace(params, max_tokens=max_tokens)
+        now = time.monotonic()
+        group = _Group(request_id, text, ids, params, [], now)
+        leader = None
+        for i in range(params.n):
+            sid = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = (params.seed + i) if params.seed is not None else int(self._rng.integers(2**31))
+            req = Request(sid, ids, eff, eos_token_ids=self.eos_token_ids, arrival=now,
+                          leader=leader if self.config.enable_prefix_caching else None, seed=seed)
+            leader = leader or req
+            detok = (IncrementalDetokenizer(self.tokenizer, ids,
+                                            skip_special_tokens=params.skip_special_tokens)
+                     if self.tokenizer is not None else None)
+            sample = _Sample(i, req, detok, [] if params.logprobs is not None else None)
+            group.samples.append(sample)
+            self._sample_of[sid] = (group, sample)
+        for s in group.samples:
+            self.scheduler.add_request(s.req)
+        self._groups[request_id] = group
+        self.prompt_tokens_total += len(ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        group = self._groups.get(request_id)
+        if group is None:
+            return None
+        for s in group.samples:
+            if s.finish_reason is None:
+                self.scheduler.finish_request(s.req.request_id, "abort")
+                s.finish_reason = "abort"
+        return self._finish_group(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty and not out.released_ids:
+            return []
+        sampled = self.runner.execute(out)
+        events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
+        changed: dict[str, _Group] = {}
+        now = time.monotonic()
+        for req, tok in events:
+            if tok is None:
+                continue
+            group, sample = self._sample_of[req.request_id]
+            if group.first_token_time is None:
+                group.first_token_time = now
+            self._on_token(group, sample, tok, sampled[req.request_id])
+            changed[group.request_id] = group
+        results = []
+        for group in changed.values():
+            results.append(self._finish_group(group) if group.finished else self._snapshot(group))
+        return results
+
+    def _on_token(self, group: _Group, s: _Sample, tok: int, sm: Sampled) -> None:
+        self.generation_tokens_total += 1
+        s.cumulative += sm.logprob
+        if s.logprobs is not None:
+            s.logprobs.append(self._logprob_entry(tok, sm, group.params.logprobs))
+        if s.detok is not None:
+            s.detok.add(tok)  # special tokens (EOS) decode to "" when skip_special_tokens
+            if s.req.is_finished:
+                s.detok.flush()
+            s.text = s.detok.text
+            if group.params.stop and s.finish_reason is None:
+                self._check_stop_strings(group, s)
+        if s.req.is_finished and s.finish_reason is None:
+            s.finish_reason, s.stop_reason = s.req.finish_reason, s.req.stop_reason
+
+    def _check_stop_strings(self, group: _Group, s: _Sample) -> None:
+        text = s.detok.text
+        for stop in group.params.stop:
+            i = text.find(stop)
+            if i >= 0:
+                s.text = text[: i + len(stop)] if group.params.include_stop_str_in_output else text[:i]
+                self.scheduler.finish_request(s.req.request_id, "stop", stop)
+                s.finish_reason, s.stop_reason = "stop", stop
+                return
+
+    def _logprob_entry(self, tok: int, sm: Sampled, k: int) -> dict[int, Logprob]:
+        dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
+        entry: dict[int, Logprob] = {}
+        higher = int(np.sum(sm.top_logprobs > sm.logprob))
+        rank = higher + 1 if higher < len(sm.top_ids) else None
+        entry[tok] = Logprob(sm.logprob, rank, dec([tok]))
+        for r in range(min(k, len(sm.top_ids))):
+            t = int(sm.top_ids[r])
+            if t not in entry:
+                entry[t] = Logprob(float(sm.top_logprobs[r]), r + 1, dec([t]))
+        return entry
+
+    def _snapshot(self, group: _Group) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, list(s.req.output_token_ids), s.cumulative,
+                                 list(s.logprobs) if s.logprobs is not None else None,
+                                 s.finish_reason, s.stop_reason) for s in group.samples]
+        metrics = {"arrival": group.arrival}
+        if group.first_token_time is not None:
+            metrics["first_token_time"] = group.first_token_time
+        return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outs,
+                             group.finished, metrics)
+
+    def _finish_group(self, group: _Group) -> RequestOutput:
+        out = self._snapshot(group)
+        out.finished = True
+        out.metrics["finished_time"] = time.monotonic()
+        self._groups.pop(group.request_id, None)
+        for s in group.samples:
+            self._sample_of.pop(s.req.request_id, None)
+        self.requests_finished_total += 1
+        return out
+
+    # -- introspection --------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        kv = self.kv_manager
+        return {
+            "kv_blocks_total": kv.num_total_blocks,
+            "kv_blocks_free": kv.num_free_blocks,
+            "kv_cache_usage_perc": kv.usage(),
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": kv.prefix_cache_queries,
+            "prefix_cache_hits": kv.prefix_cache_hits,
+            "compiles_after_warmup": self.runner.compile_counter.compiles_after_warmup,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "requests_finished_total": self.requests_finished_total,
+            "num_steps": self.runner.num_steps,
+        }

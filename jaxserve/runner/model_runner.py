@@ -1,0 +1,172 @@
+"""The model runner: SchedulerOutput -> numpy int32 metadata -> one jitted step -> sampled tokens.
+
+One compiled executable per step bucket (T tokens, S sequences), all compiled in `warmup()`. The
+step does forward + KV write + logits at the S sampling rows + sampling, with the KV cache and the
+sampler state donated (updated in place). Per-request sampling state lives in device "slots"
+(`jaxserve/sampling/sampler.py`); the runner maps request ids to slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.attention import AttentionBackend, AttentionMetadata, build_metadata, get_backend
+from jaxserve.config import ModelConfig
+from jaxserve.kv_cache.cache import allocate_kv_cache
+from jaxserve.models.layers import CausalLM
+from jaxserve.runner.compile import CompileCounter
+from jaxserve.sampling.sampler import SamplingTensors, init_sampler_state, sample, set_slot
+from jaxserve.scheduler.buckets import make_buckets, pick_bucket
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.scheduler.output import NewSequence, SchedulerOutput
+
+
+@dataclasses.dataclass
+class Sampled:
+    token: int
+    logprob: float
+    top_ids: np.ndarray      # [K] int32, best first
+    top_logprobs: np.ndarray  # [K] float32
+
+
+def _seed32(seed: int) -> int:
+    return int(seed) & 0xFFFFFFFF
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, *, block_size: int, num_blocks: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int,
+                 attention_backend: str | AttentionBackend = "auto", kv_dtype=None):
+        self.cfg: ModelConfig = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv_dtype = kv_dtype or jax.tree.leaves(self.params)[0].dtype
+        self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype)
+        self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size)
+        self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
+        self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
+                        else attention_backend)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._slot: dict[str, int] = {}
+        self._seed: dict[str, int] = {}
+        self._sampling: dict[str, SamplingParams] = {}
+        self.compile_counter = CompileCounter()
+        self.num_steps = 0
+
+    # -- the jitted step ------------------------------------------------------------------------
+    def _step_fn(self, params, kv, sstate, input_ids, positions, meta: AttentionMetadata,
+                 logits_indices, st: SamplingTensors):
+        model = nnx.merge(self.graphdef, params)
+        hidden, kv = model(input_ids, positions, kv, meta, self.backend)
+        logits = model.compute_logits(hidden[logits_indices])
+        tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st)
+        return (tokens, lp, top_ids, top_lp), kv, sstate
+
+    def lower(self, num_tokens: int, num_seqs: int):
+        """The lowered step for one bucket (for HLO inspection)."""
+        args = self._padding_inputs(num_tokens, num_seqs)
+        return self._step.lower(self.params, self.kv, self.sampler_state, *args)
+
+    def _padding_inputs(self, t: int, s: int):
+        meta, pos = build_metadata([], block_size=self.block_size, num_tokens=t, num_seqs=s,
+                                   max_blocks_per_seq=self.max_blocks_per_seq)
+        st = SamplingTensors(**SamplingTensors.host(s))
+        return np.zeros(t, np.int32), pos, meta, np.zeros(s, np.int32), st
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket now (padding-only steps write to the null page only)."""
+        it: Iterable = self.buckets
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(self.buckets, desc="compiling step buckets", unit="shape", file=sys.stderr)
+        for t, s in it:
+            out, self.kv, self.sampler_state = self._step(self.params, self.kv, self.sampler_state,
+                                                          *self._padding_inputs(t, s))
+            jax.block_until_ready(out)
+        empty = np.zeros(self.cfg.vocab_size, np.int32)
+        self.sampler_state = set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
+                                      empty.astype(np.float32), empty.astype(bool))
+        jax.block_until_ready(self.sampler_state)
+        self.compile_counter.mark_warm()
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _admit(self, ns: NewSequence) -> None:
+        if ns.request_id in self._slot:
+            self._release(ns.request_id)
+        slot = self._free_slots.pop()
+        v = self.cfg.vocab_size
+        counts = np.bincount(np.asarray(ns.output_token_ids, np.int64), minlength=v)[:v].astype(np.int32)
+        prompt = np.zeros(v, bool)
+        prompt[np.asarray(ns.prompt_token_ids, np.int64)] = True
+        bias = np.zeros(v, np.float32)
+        for tok, b in (ns.params.logit_bias or {}).items():
+            bias[tok] = b
+        stop = np.zeros(v, bool)
+        stop_ids = [t for t in list(ns.eos_token_ids) + list(ns.params.stop_token_ids) if 0 <= t < v]
+        stop[stop_ids] = True
+        self.sampler_state = set_slot(self.sampler_state, np.int32(slot), counts, prompt, bias, stop)
+        self._slot[ns.request_id] = slot
+        self._seed[ns.request_id] = _seed32(ns.seed)
+        self._sampling[ns.request_id] = ns.params
+
+    def _release(self, request_id: str) -> None:
+        slot = self._slot.pop(request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+        self._seed.pop(request_id, None)
+        self._sampling.pop(request_id, None)
+
+    # -- one step -------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> dict[str, Sampled]:
+        for rid in out.released_ids:
+            self._release(rid)
+        for ns in out.new_seqs:
+            self._admit(ns)
+        if not out.seqs:
+            return {}
+        t, s = pick_bucket(out.num_tokens, len(out.seqs), self.buckets)
+        meta, positions = build_metadata(
+            [(q.block_table, q.num_computed_tokens, len(q.token_ids)) for q in out.seqs],
+            block_size=self.block_size, num_tokens=t, num_seqs=s,
+            max_blocks_per_seq=self.max_blocks_per_seq)
+        ids = np.zeros(t, np.int32)
+        rows = SamplingTensors.host(s)
+        logits_idx = np.zeros(s, np.int32)
+        off = 0
+        for i, q in enumerate(out.seqs):
+            n = len(q.token_ids)
+            ids[off : off + n] = q.token_ids
+            off += n
+            logits_idx[i] = off - 1
+            rid = q.request_id
+            p = self._sampling[rid]
+            rows["slot"][i] = self._slot[rid]
+            rows["valid"][i] = q.sample
+            rows["seed"][i] = self._seed[rid]
+            rows["num_generated"][i] = q.num_generated
+            rows["block_stop"][i] = q.num_generated < p.min_tokens
+            rows["temperature"][i] = p.temperature
+            rows["top_k"][i] = max(p.top_k, 0)
+            rows["top_p"][i] = p.top_p
+            rows["min_p"][i] = p.min_p
+            rows["presence"][i] = p.presence_penalty
+            rows["frequency"][i] = p.frequency_penalty
+            rows["repetition"][i] = p.repetition_penalty
+        st = SamplingTensors(**rows)
+        (tokens, lp, top_ids, top_lp), self.kv, self.sampler_state = self._step(
+            self.params, self.kv, self.sampler_state, ids, positions, meta, logits_idx, st)
+        tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
+        self.num_steps += 1
+        return {q.request_id: Sampled(int(tokens[i]), float(lp[i]), top_ids[i], top_lp[i])
+                for i, q in enumerate(out.seqs) if q.sample}
+

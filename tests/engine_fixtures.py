@@ -1,0 +1,27 @@
+"""A tiny random Llama (weights with O(1) logits, so greedy choices are well separated)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.loading import LoadedModel
+from jaxserve.models.registry import create_model
+
+TINY_HF = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 512, "rope_theta": 10000.0,
+           "rms_norm_eps": 1e-5, "eos_token_id": 1, "bos_token_id": 0}
+
+
+def tiny_loaded(seed: int = 0, **overrides) -> LoadedModel:
+    hf = dict(TINY_HF, **overrides)
+    cfg = ModelConfig.from_hf_config(hf)
+    model = create_model(cfg, dtype=jnp.float32, seed=seed)
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    new = [jax.random.normal(k, x.shape, x.dtype) * 0.15 + (1.0 if x.ndim == 1 else 0.0)
+           for k, x in zip(keys, leaves)]
+    model = nnx.merge(graphdef, jax.tree.unflatten(tree, new))
+    return LoadedModel(model, cfg, hf, None, "tiny-random-llama", jnp.float32)

@@ -1,0 +1,204 @@
+"""Engine tests on a tiny random model: batching = solo, preemption, prefix caching, sampling,
+validation, zero recompiles, in-place KV cache."""
+
+import re
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, InvalidRequestError, SamplingParams, SamplingParamsError
+from tests.engine_fixtures import tiny_loaded
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # 48 usable pages of 4 tokens = 192 tokens for up to 4 running sequences of up to 128 tokens:
+    # enough pressure to force preemptions in the mixed workload below.
+    return LLM(tiny_loaded(), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+               block_size=BLOCK, num_kv_blocks=48, compilation_cache_dir=None, show_progress=False)
+
+
+def _workload(seed=0, n=24):
+    rng = np.random.default_rng(seed)
+    prompts, params = [], []
+    for i in range(n):
+        length = int(rng.choice([1, 3, 9, 17, 33, 50, 70]))  # several longer than a 32-token chunk
+        prompts.append({"prompt_token_ids": rng.integers(2, 128, size=length).tolist()})
+        params.append(SamplingParams(temperature=0.0, max_tokens=int(rng.integers(4, 40)),
+                                     ignore_eos=True))
+    return prompts, params
+
+
+def _assert_all_free(llm):
+    s = llm.get_stats()
+    assert s["kv_blocks_free"] == s["kv_blocks_total"], s
+    assert s["num_requests_running"] == 0 and s["num_requests_waiting"] == 0
+
+
+def test_batched_equals_solo_with_queueing_and_preemption(llm):
+    prompts, params = _workload()
+    before = llm.get_stats()
+    batched = llm.generate(prompts, params)
+    stats = llm.get_stats()
+    assert stats["num_preemptions"] > before["num_preemptions"], "workload did not force preemption"
+    assert stats["compiles_after_warmup"] == 0
+    _assert_all_free(llm)
+    for p, sp, out in zip(prompts, params, batched):
+        solo = llm.generate([p], sp)[0]
+        assert out.outputs[0].token_ids == solo.outputs[0].token_ids
+        assert len(out.outputs[0].token_ids) == sp.max_tokens
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.get_stats()["compiles_after_warmup"] == 0
+    _assert_all_free(llm)
+
+
+def test_prefix_cache_hit_gives_identical_output(llm):
+    prompt = {"prompt_token_ids": list(range(10, 60))}
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    first = llm.generate([prompt], sp)[0]
+    hits = llm.get_stats()["prefix_cache_hits"]
+    second = llm.generate([prompt], sp)[0]
+    assert llm.get_stats()["prefix_cache_hits"] >= hits + 48  # 12 full pages of the 50-token prompt
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids
+    _assert_all_free(llm)
+
+
+def test_seeded_sampling_is_batch_independent(llm):
+    target = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate([target], sp)[0].outputs[0].token_ids
+    prompts, params = _workload(seed=3, n=7)
+    busy = llm.generate(prompts[:3] + [target] + prompts[3:], params[:3] + [sp] + params[3:])
+    assert busy[3].outputs[0].token_ids == alone
+    other = llm.generate([target], SamplingParams(temperature=1.0, seed=99, max_tokens=20,
+                                                  ignore_eos=True))[0].outputs[0].token_ids
+    assert other != alone
+
+
+def test_n_samples_share_prompt_blocks(llm):
+    prompt = {"prompt_token_ids": list(range(3, 43))}   # 10 full pages
+    hits = llm.get_stats()["prefix_cache_hits"]
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8,
+                                                ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert llm.get_stats()["prefix_cache_hits"] - hits >= 2 * 36   # siblings reuse the leader's pages
+    _assert_all_free(llm)
+
+
+def test_sampling_controls(llm):
+    p = {"prompt_token_ids": [9, 10, 11, 12]}
+    greedy = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+    top1 = llm.generate([p], SamplingParams(temperature=0.7, top_k=1, seed=3, max_tokens=10,
+                                            ignore_eos=True))[0]
+    assert top1.outputs[0].token_ids == greedy.outputs[0].token_ids
+    biased = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                              logit_bias={77: 100.0}))[0]
+    assert biased.outputs[0].token_ids == [77] * 6
+    rep = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                           repetition_penalty=50.0, frequency_penalty=2.0,
+                                           presence_penalty=2.0))[0].outputs[0].token_ids
+    assert len(set(rep)) == len(rep), "penalties should forbid repeats here"
+    assert not set(rep) & set(p["prompt_token_ids"])
+    stop_tok = greedy.outputs[0].token_ids[3]
+    stopped = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=10,
+                                               stop_token_ids=[stop_tok]))[0].outputs[0]
+    k = greedy.outputs[0].token_ids.index(stop_tok)
+    assert stopped.token_ids == greedy.outputs[0].token_ids[: k + 1]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_tok
+    lp = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                          logprobs=5))[0].outputs[0]
+    assert len(lp.logprobs) == 3 and all(len(d) >= 5 for d in lp.logprobs)
+    for tok, d in zip(lp.token_ids, lp.logprobs):
+        assert d[tok].rank == 1 and d[tok].logprob <= 0
+        assert abs(sum(np.exp(x.logprob) for x in d.values())) <= 1.0 + 1e-5
+    assert np.isclose(lp.cumulative_logprob, sum(d[t].logprob for t, d in zip(lp.token_ids, lp.logprobs)))
+
+
+def test_min_tokens_and_eos(llm):
+    # make EOS (id 1) overwhelmingly likely; min_tokens must still hold it back
+    p = {"prompt_token_ids": [4, 5, 6]}
+    out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=10, logit_bias={1: 60.0},
+                                           min_tokens=5))[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.token_ids[-1] == 1 and 1 not in out.token_ids[:5]
+    assert out.finish_reason == "stop"
+    ign = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=7, logit_bias={1: 60.0},
+                                           ignore_eos=True))[0].outputs[0]
+    assert len(ign.token_ids) == 7 and ign.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 2.0}, "min_p"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+    ({"n": 1000}, "n"),
+    ({"n": 2, "temperature": 0.0}, "n"),
+    ({"stop": [""]}, "stop"),
+    ({"logprobs": 50}, "logprobs"),
+    ({"logit_bias": {100000: 1.0}}, "logit_bias"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_bad_sampling_params_raise_and_engine_keeps_serving(llm, kwargs, field):
+    with pytest.raises(SamplingParamsError) as e:
+        llm.generate([{"prompt_token_ids": [3, 4]}], SamplingParams(**kwargs))
+    assert e.value.field == field and field in str(e.value)
+    ok = llm.generate([{"prompt_token_ids": [3, 4]}], SamplingParams(temperature=0.0, max_tokens=2))
+    assert len(ok[0].outputs[0].token_ids) >= 1
+    _assert_all_free(llm)
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ({"prompt_token_ids": []}, SamplingParams(), "prompt"),
+    ({"prompt_token_ids": [3, 500]}, SamplingParams(), "prompt_token_ids"),
+    ({"prompt_token_ids": [-4]}, SamplingParams(), "prompt_token_ids"),
+    ({"prompt_token_ids": [5] * 128}, SamplingParams(max_tokens=1), "prompt"),
+    ({"prompt_token_ids": list(range(2, 100))}, SamplingParams(max_tokens=40), "max_tokens"),
+    ({"prompt_token_ids": "abc"}, SamplingParams(), "prompt_token_ids"),
+])
+def test_bad_requests_raise_typed_errors(llm, prompt, params, field):
+    good = {"prompt_token_ids": [7, 8]}
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([good, prompt], params)  # validated up front: nothing runs
+    assert e.value.field == field
+    assert re.search(r"\d", str(e.value)) or field in str(e.value)
+    _assert_all_free(llm)
+
+
+def test_abort_returns_blocks(llm):
+    eng = llm.engine
+    for i in range(3):
+        eng.add_request(f"abort-{i}", {"prompt_token_ids": list(range(2, 40))},
+                        SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert llm.get_stats()["kv_blocks_free"] < llm.get_stats()["kv_blocks_total"]
+    outs = [eng.abort(f"abort-{i}") for i in range(3)]
+    assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in outs)
+    eng.step()  # the runner releases the slots
+    _assert_all_free(llm)
+    assert not eng.has_unfinished()
+
+
+def test_kv_cache_is_donated_not_copied(llm):
+    runner = llm.engine.runner
+    t, s = runner.buckets[-1]
+    compiled = runner.lower(t, s).compile()
+    hlo = compiled.as_text()
+    p, b, k, h = runner.kv[0][0].shape
+    # every cache array is aliased input->output ...
+    header = hlo.splitlines()[0]
+    assert "input_output_alias" in header
+    n_alias = header.count("may-alias") + header.count("must-alias")
+    assert n_alias >= 2 * len(runner.kv) + 4  # k and v of every layer + the 4 sampler-state arrays
+    # ... and no instruction copies a whole cache array
+    shape = rf"f32\[{p},{b},{k},{h}\]"
+    assert not re.search(shape + r"[^\n]*\bcopy\(", hlo), "a full KV cache copy appears in the HLO"
