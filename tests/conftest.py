@@ -65,25 +65,11 @@ def smollm_chat_prompts(smollm) -> list[list[int]]:
     return [encode_chat(smollm.tokenizer, [{"role": "user", "content": c}]) for c in pc.SMOLLM_CHATS]
 
 
-@pytest.fixture(scope="session")
-def hf_reference(tmp_path_factory, smollm_path, smollm_chat_prompts) -> Reference:
+def _run_reference(root: str, jobs: list[dict]) -> Reference:
     py = reference_python()
     if py is None:
         pytest.fail("no interpreter with torch for the HF transformers reference: run "
                     "`scripts/setup.sh --test` (creates .venv-ref) or set JAXSERVE_REF_PYTHON")
-    root = str(tmp_path_factory.mktemp("hf_reference"))
-    jobs = []
-    for i, (name, cfg) in enumerate(pc.TINY_FAMILIES.items()):
-        cfg = {k: v for k, v in cfg.items() if k != "architectures"}
-        jobs.append({"kind": "tiny", "name": name, "config": cfg, "seed": 100 + i,
-                     "out_dir": os.path.join(root, name), "prompts": pc.tiny_prompts(),
-                     "max_new_tokens": pc.TINY_NEW_TOKENS,
-                     **({"max_shard_size": "60KB"} if name in pc.SHARDED else {})})
-    jobs.append({"kind": "gguf", "name": "smollm2", "path": smollm_path,
-                 "out_dir": os.path.join(root, "smollm2"), "prompts": smollm_chat_prompts,
-                 "max_new_tokens": pc.SMOLLM_NEW_TOKENS})
-    jobs.append({"kind": "tokenize", "name": "tokenizer", "path": smollm_path,
-                 "out_dir": os.path.join(root, "tokenizer"), "texts": pc.TOKENIZER_TEXTS})
     plan = os.path.join(root, "plan.json")
     with open(plan, "w") as f:
         json.dump({"jobs": jobs}, f)
@@ -94,3 +80,29 @@ def hf_reference(tmp_path_factory, smollm_path, smollm_chat_prompts) -> Referenc
     if proc.returncode != 0:
         pytest.fail(f"HF reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return Reference(root)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tmp_path_factory) -> Reference:
+    """Tiny random checkpoints of every family, saved by transformers, and their HF outputs."""
+    root = str(tmp_path_factory.mktemp("hf_reference"))
+    jobs = []
+    for i, (name, cfg) in enumerate(pc.TINY_FAMILIES.items()):
+        cfg = {k: v for k, v in cfg.items() if k != "architectures"}
+        jobs.append({"kind": "tiny", "name": name, "config": cfg, "seed": 100 + i,
+                     "out_dir": os.path.join(root, name), "prompts": pc.tiny_prompts(),
+                     "max_new_tokens": pc.TINY_NEW_TOKENS,
+                     **({"max_shard_size": "60KB"} if name in pc.SHARDED else {})})
+    return _run_reference(root, jobs)
+
+
+@pytest.fixture(scope="session")
+def hf_reference_smollm(tmp_path_factory, smollm_path, smollm_chat_prompts) -> Reference:
+    """HF transformers on the embedded SmolLM2 GGUF: greedy chat continuations and tokenization."""
+    root = str(tmp_path_factory.mktemp("hf_reference_smollm"))
+    jobs = [{"kind": "gguf", "name": "smollm2", "path": smollm_path,
+             "out_dir": os.path.join(root, "smollm2"), "prompts": smollm_chat_prompts,
+             "max_new_tokens": pc.SMOLLM_NEW_TOKENS},
+            {"kind": "tokenize", "name": "tokenizer", "path": smollm_path,
+             "out_dir": os.path.join(root, "tokenizer"), "texts": pc.TOKENIZER_TEXTS}]
+    return _run_reference(root, jobs)

@@ -37,14 +37,14 @@ def test_tiny_family_matches_transformers(hf_reference, family):
     _check(hf_reference.npz(family), pc.tiny_prompts(), gen, pc.TINY_NEW_TOKENS, family)
 
 
-def test_smollm2_gguf_matches_transformers(hf_reference, smollm, smollm_chat_prompts):
+def test_smollm2_gguf_matches_transformers(hf_reference_smollm, smollm, smollm_chat_prompts):
     assert len(smollm_chat_prompts) >= 5
     gen = GreedyGenerator(smollm.model, page_size=16)
-    _check(hf_reference.npz("smollm2"), smollm_chat_prompts, gen, pc.SMOLLM_NEW_TOKENS, "smollm2")
+    _check(hf_reference_smollm.npz("smollm2"), smollm_chat_prompts, gen, pc.SMOLLM_NEW_TOKENS, "smollm2")
 
 
-def test_gguf_tokenizer_matches_transformers(hf_reference, smollm):
-    ref = hf_reference.npz("tokenizer")
+def test_gguf_tokenizer_matches_transformers(hf_reference_smollm, smollm):
+    ref = hf_reference_smollm.npz("tokenizer")
     for i, text in enumerate(pc.TOKENIZER_TEXTS):
         ours = smollm.tokenizer.encode(text, add_special_tokens=False)
         assert ours == ref[f"ids_{i}"].tolist(), text

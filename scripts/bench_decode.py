@@ -1,0 +1,93 @@
+"""Quick engine throughput check on dummy weights of a real shape (GPU machine).
+
+    python scripts/bench_decode.py --model qwen2.5-7b --batches 1 64 --input-len 128 --output-len 128
+
+Measures the HBM read ceiling first (sum over a 4 GiB bf16 array), then for each batch size runs
+`batch` requests of random prompts through `LLM.generate` (ignore_eos) and reports the median of
+`--repeats` runs: output tok/s, and for batch 1 the ratio to the weights-read roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def read_ceiling_tbs(gib: float = 4.0, repeats: int = 20) -> float:
+    n = int(gib * (1 << 30) // 2)
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    del x
+    return n * 2 / statistics.median(times) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from jaxserve import LLM, SamplingParams
+
+    ceiling = read_ceiling_tbs()
+    t0 = time.perf_counter()
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
+              max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
+              attention_backend=args.attention_backend, compilation_cache_dir=None)
+    startup = time.perf_counter() - t0
+    cfg = llm.loaded.config
+    weight_bytes = cfg.num_params() * 2
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in args.batches:
+        prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}
+                   for _ in range(b)]
+        sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        row = {"batch": b, "seconds": med, "output_tok_s": b * args.output_len / med}
+        if b == 1:
+            roofline = ceiling * 1e12 / weight_bytes
+            row["roofline_tok_s"] = roofline
+            row["pct_of_roofline"] = 100 * row["output_tok_s"] / roofline
+        rows.append(row)
+    stats = llm.get_stats()
+    print(f"device: {jax.devices()[0].device_kind}; read ceiling {ceiling:.2f} TB/s; "
+          f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
+          f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
+          f"{stats['compiles_after_warmup']}")
+    print(f"{'batch':>6} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
+    for r in rows:
+        pct = f"{r['pct_of_roofline']:.1f}" if "pct_of_roofline" in r else "-"
+        print(f"{r['batch']:>6} {r['seconds']:>9.3f} {r['output_tok_s']:>10.1f} {pct:>10}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "ceiling_tbs": ceiling,
+                       "startup_s": startup, "rows": rows, "stats": stats}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
