@@ -40,7 +40,19 @@ class ReferenceBackend:
         return out, (k_cache, v_cache)
 
 
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceBackend}
+class GatherBackend:
+    """The plain gather reference: slower, but differentiable (no while_loop), for grads."""
+
+    name = "gather"
+
+    def __call__(self, q, k, v, cache, meta, positions, spec):
+        k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
+        out = paged_attention_reference(q, k_cache, v_cache, meta, positions, spec)
+        return out, (k_cache, v_cache)
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceBackend,
+                                                        "gather": GatherBackend}
 
 
 def get_backend(name: str = "auto") -> AttentionBackend:
@@ -51,6 +63,7 @@ def get_backend(name: str = "auto") -> AttentionBackend:
     return _BACKENDS[name]()
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "AttentionSpec", "LayerCache", "ReferenceBackend",
+__all__ = ["AttentionBackend", "AttentionMetadata", "AttentionSpec", "GatherBackend", "LayerCache",
+           "ReferenceBackend",
            "build_metadata", "get_backend", "paged_attention_blockwise", "paged_attention_reference",
            "write_kv_reference"]
