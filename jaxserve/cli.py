@@ -1,5 +1,6 @@
 """`jaxserve` command line.
 
+    jaxserve [serve] [--model M] [--port 8000]  OpenAI-compatible server (the default command)
     jaxserve generate "prompt" [--model M]     one greedy answer, streamed to stdout
     jaxserve chat [--model M]                  interactive terminal chat
     jaxserve convert --model M --output DIR    save loaded parameters as an orbax checkpoint
@@ -125,10 +126,53 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from jaxserve.server.launch import serve
+    if args.mesh not in (None, "", "tp=1", "dp=1"):
+        print(f"error: --mesh {args.mesh}: multi-device meshes are not supported yet", file=sys.stderr)
+        return 2
+    return serve(args)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--config", default=None, help="YAML file of flag values (see configs/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
+                   "(also read from $JAXSERVE_API_KEY)")
+    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--chat-template", default=None, help="a Jinja template file or string")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow requests to carry their own chat_template")
+    p.add_argument("--max-queued-requests", type=int, default=1024)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on SIGTERM")
+    p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
+    p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=1")
+    p.add_argument("--compilation-cache-dir", default="auto")
+    p.add_argument("--uvicorn-log-level", default="warning")
+
+
+COMMANDS = ("serve", "generate", "chat", "convert")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default command)")
+    _add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="greedy answer to one prompt")
     g.add_argument("prompt")
@@ -150,9 +194,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`--config FILE.yaml`: its keys (flag names) become defaults; flags on the line win."""
+    if "--config" not in argv:
+        return
+    path = argv[argv.index("--config") + 1]
+    import yaml
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    serve_parser = parser._subparsers._group_actions[0].choices["serve"]
+    known = {a.dest for a in serve_parser._actions}
+    defaults = {}
+    for k, v in values.items():
+        dest = str(k).replace("-", "_")
+        if dest not in known:
+            raise ValueError(f"{path}: unknown setting {k!r}")
+        defaults[dest] = v
+    serve_parser.set_defaults(**defaults)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["serve"] + argv
+    parser = build_parser()
+    try:
+        _apply_config_file(parser, argv)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

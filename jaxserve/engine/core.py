@@ -82,6 +82,7 @@ class _Group:
     params: SamplingParams
     samples: list[_Sample]
     arrival: float
+    scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property
@@ -211,6 +212,10 @@ class EngineCore:
         events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
         changed: dict[str, _Group] = {}
         now = time.monotonic()
+        for ns in out.new_seqs:
+            entry = self._sample_of.get(ns.request_id)
+            if entry is not None and entry[0].scheduled_time is None:
+                entry[0].scheduled_time = now
         for req, tok in events:
             if tok is None:
                 continue
@@ -262,10 +267,19 @@ class EngineCore:
         return entry
 
     def _snapshot(self, group: _Group) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, list(s.req.output_token_ids), s.cumulative,
+        # NOTE: while a sample runs, hold back the last (longest stop string - 1) characters, so a
+        # streamed prefix of a stop string is never shown and then taken back.
+        hold = max((len(x) for x in group.params.stop), default=1) - 1
+
+        def visible(s: _Sample) -> str:
+            return s.text if s.finish_reason is not None or not hold else s.text[: max(0, len(s.text) - hold)]
+
+        outs = [CompletionOutput(s.index, visible(s), list(s.req.output_token_ids), s.cumulative,
                                  list(s.logprobs) if s.logprobs is not None else None,
                                  s.finish_reason, s.stop_reason) for s in group.samples]
         metrics = {"arrival": group.arrival}
+        if group.scheduled_time is not None:
+            metrics["first_scheduled_time"] = group.scheduled_time
         if group.first_token_time is not None:
             metrics["first_token_time"] = group.first_token_time
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outs,

@@ -1,0 +1,139 @@
+"""POST /v1/chat/completions, streaming and not.
+
+The conversation is rendered with the model's chat template (or the operator's `--chat-template`)
+in transformers' sandboxed Jinja environment, off the event loop. A template sent in the request
+is refused unless the operator passed `--trust-request-chat-template`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jaxserve.engine.outputs import CompletionOutput
+from jaxserve.sampling.params import MAX_LOGPROBS
+from jaxserve.server import protocol
+from jaxserve.server.errors import APIError
+from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
+                                     run_merged, sse, until_disconnected, usage)
+from jaxserve.tokenizer import encode_chat
+
+
+def _entry(token: str | None, logprob: float) -> dict:
+    token = token or ""
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _chat_logprobs(out: CompletionOutput, start: int, k: int) -> dict:
+    content = []
+    for tok, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
+        chosen = entry.get(tok)
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank or 10**9)[:k]
+        content.append({**_entry(chosen.decoded_token if chosen else None,
+                                 chosen.logprob if chosen else float("nan")),
+                        "top_logprobs": [_entry(lp.decoded_token, lp.logprob) for lp in ranked]})
+    return {"content": content}
+
+
+def render_chat(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool,
+                ) -> list[int]:
+    try:
+        return encode_chat(tokenizer, messages, chat_template=template,
+                           add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2 TemplateError, SecurityError, missing template
+        raise APIError(400, f"could not apply the chat template: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}", param="messages") from None
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    try:
+        engine = state.ready_engine()
+        body = await read_json(request)
+        model = state.check_model(body)
+        messages = protocol.chat_messages(body)
+        want_lp = protocol.get(body, "logprobs", (bool,), False)
+        top = protocol.get(body, "top_logprobs", (int,), None)
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}",
+                           param="top_logprobs")
+        if top and not want_lp:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        k = (top or 0) if want_lp else None
+        template = protocol.get(body, "chat_template", (str,), None)
+        if template is not None and not state.trust_request_chat_template:
+            raise APIError(400, "request-supplied chat templates are not allowed on this server",
+                           param="chat_template")
+        template = template or state.chat_template
+        add_gen = protocol.get(body, "add_generation_prompt", (bool,), True)
+        stream = protocol.get(body, "stream", (bool,), False)
+        opts = protocol.parse_stream_options(body)
+        params = protocol.sampling_params(body, default_max_tokens=None, logprobs=k)
+        params.validate(engine.core.lm.config.vocab_size)
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
+        ids = await asyncio.to_thread(render_chat, engine.tokenizer, messages, template, add_gen)
+        prepared = await prepare_prompts(engine, [ids], params)
+    except Exception as e:
+        return as_api_error(e).response()
+
+    rid = f"chatcmpl-{int(time.time() * 1000):x}"
+    created = int(time.time())
+    prompt_tokens = len(prepared[0][1])
+
+    if not stream:
+        async def collect():
+            final = None
+            async for _, out in run_merged(state, engine, prepared, params, "chat"):
+                if out.finished:
+                    final = out
+            return final
+
+        try:
+            final = await until_disconnected(request, collect())
+        except Exception as e:
+            return as_api_error(e).response()
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": _chat_logprobs(o, 0, k) if k is not None else None,
+                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                   for o in final.outputs]
+        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **extra})
+
+    async def events() -> AsyncIterator[str]:
+        sent_text: dict[int, int] = {}
+        sent_tok: dict[int, int] = {}
+        completion_tokens = 0
+        try:
+            for i in range(params.n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            async for _, out in run_merged(state, engine, prepared, params, "chat"):
+                for o in out.outputs:
+                    t0, n0 = sent_text.get(o.index, 0), sent_tok.get(o.index, 0)
+                    delta = o.text[t0:]
+                    new_tokens = len(o.token_ids) - n0
+                    completion_tokens += new_tokens
+                    sent_text[o.index], sent_tok[o.index] = len(o.text), len(o.token_ids)
+                    if not delta and o.finish_reason is None and (k is None or new_tokens == 0):
+                        continue
+                    yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
+                                  "logprobs": _chat_logprobs(o, n0, k) if k is not None else None,
+                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
+            if opts.include_usage:
+                yield chunk([], usage=usage(prompt_tokens, completion_tokens))
+        except Exception as e:
+            yield sse(as_api_error(e).body())
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,120 @@
+"""POST /v1/completions (OpenAI legacy completions), streaming and not."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jaxserve.engine.outputs import CompletionOutput
+from jaxserve.sampling.params import MAX_LOGPROBS
+from jaxserve.server import protocol
+from jaxserve.server.errors import APIError
+from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
+                                     run_merged, sse, until_disconnected, usage)
+
+
+def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset0: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = offset0
+    for tok, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:]):
+        text = entry[tok].decoded_token if tok in entry else tokenizer.decode([tok])
+        tokens.append(text)
+        token_lps.append(entry[tok].logprob if tok in entry else None)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or 10**9)[:max(k, 0)]
+        tops.append({lp.decoded_token: lp.logprob for _, lp in ranked})
+        offsets.append(pos)
+        pos += len(text or "")
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def create_completion(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    try:
+        engine = state.ready_engine()
+        body = await read_json(request)
+        model = state.check_model(body)
+        prompts = protocol.completion_prompts(body)
+        k = protocol.get(body, "logprobs", (int,), None)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {k}", param="logprobs")
+        echo = protocol.get(body, "echo", (bool,), False)
+        if echo and k is not None:
+            raise APIError(400, "'echo' together with 'logprobs' is not supported (prompt logprobs "
+                                "are not computed)", param="echo")
+        stream = protocol.get(body, "stream", (bool,), False)
+        opts = protocol.parse_stream_options(body)
+        params = protocol.sampling_params(body, default_max_tokens=16, logprobs=k)
+        params.validate(engine.core.lm.config.vocab_size)
+        prepared = await prepare_prompts(engine, prompts, params)
+    except Exception as e:
+        return as_api_error(e).response()
+
+    tok = engine.tokenizer
+    rid = f"cmpl-{int(time.time() * 1000):x}"
+    created = int(time.time())
+    n = params.n
+
+    def prompt_text(tr) -> str:
+        return tr.prompt_text if tr.prompt_text is not None else tok.decode(tr.prompt_ids)
+
+    if not stream:
+        async def collect():
+            finals = {}
+            async for tr, out in run_merged(state, engine, prepared, params, "cmpl"):
+                if out.finished:
+                    finals[tr.prompt_index] = (tr, out)
+            return finals
+
+        try:
+            finals = await until_disconnected(request, collect())
+        except Exception as e:
+            return as_api_error(e).response()
+        choices, completion_tokens = [], 0
+        for p in range(len(prepared)):
+            tr, out = finals[p]
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                pre = prompt_text(tr) if echo else ""
+                choices.append({
+                    "index": p * n + o.index, "text": pre + o.text,
+                    "logprobs": _logprobs_block(tok, o, 0, k, 0) if k is not None else None,
+                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+        prompt_tokens = sum(len(ids) for _, ids in prepared)
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                             "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+
+    async def events() -> AsyncIterator[str]:
+        sent_text: dict[tuple[int, int], int] = {}
+        sent_tok: dict[tuple[int, int], int] = {}
+        completion_tokens = 0
+        try:
+            async for tr, out in run_merged(state, engine, prepared, params, "cmpl"):
+                for o in out.outputs:
+                    key = (tr.prompt_index, o.index)
+                    first = key not in sent_text
+                    t0, n0 = sent_text.get(key, 0), sent_tok.get(key, 0)
+                    delta = (prompt_text(tr) if first and echo else "") + o.text[t0:]
+                    new_tokens = len(o.token_ids) - n0
+                    completion_tokens += new_tokens
+                    sent_text[key], sent_tok[key] = len(o.text), len(o.token_ids)
+                    if not delta and o.finish_reason is None and (k is None or new_tokens == 0):
+                        continue  # e.g. half of a multi-byte character: wait for the rest
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                               "choices": [{"index": tr.prompt_index * n + o.index, "text": delta,
+                                            "logprobs": _logprobs_block(tok, o, n0, k, t0)
+                                            if k is not None else None,
+                                            "finish_reason": o.finish_reason,
+                                            "stop_reason": o.stop_reason}]})
+            if opts.include_usage:
+                prompt_tokens = sum(len(ids) for _, ids in prepared)
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        except Exception as e:  # an error after the stream started: SSE error event, then [DONE]
+            yield sse(as_api_error(e).body())
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,148 @@
+"""Request parsing for the OpenAI endpoints, by hand and strict about types.
+
+Unknown fields are ignored (clients send vendor extras), but a known field of the wrong type or out
+of bounds is a 400 naming the field (never 422). Sampling bounds are checked by
+`SamplingParams.validate`, whose error names the field too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from jaxserve.sampling.params import SamplingParams
+from jaxserve.server.errors import APIError
+
+_NUM = (int, float)
+
+
+def _bad(field: str, msg: str) -> APIError:
+    return APIError(400, f"'{field}': {msg}", param=field)
+
+
+def get(body: dict, field: str, kinds: tuple, default: Any = None, *, what: str | None = None) -> Any:
+    if field not in body or body[field] is None:
+        return default
+    v = body[field]
+    if isinstance(v, bool) and bool not in kinds:
+        raise _bad(field, f"must be {what or _describe(kinds)}, got a boolean")
+    if not isinstance(v, kinds):
+        raise _bad(field, f"must be {what or _describe(kinds)}, got {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _bad(field, f"must be a finite number, got {v}")
+    return v
+
+
+def _describe(kinds: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "an array", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _int_list(v: Any, field: str) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise _bad(field, "must be an array of integers")
+    return v
+
+
+@dataclasses.dataclass
+class StreamOptions:
+    include_usage: bool = False
+
+
+def parse_stream_options(body: dict) -> StreamOptions:
+    so = get(body, "stream_options", (dict,), {})
+    return StreamOptions(include_usage=bool(get(so, "include_usage", (bool,), False)))
+
+
+def sampling_params(body: dict, *, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise _bad("stop", "must be a string or an array of strings")
+    if isinstance(stop, list) and len(stop) > 64:
+        raise _bad("stop", "at most 64 stop strings")
+    bias = get(body, "logit_bias", (dict,), None)
+    if bias is not None:
+        parsed = {}
+        for k, v in bias.items():
+            try:
+                tok = int(k)
+            except (TypeError, ValueError):
+                raise _bad("logit_bias", f"key {k!r} is not a token id") from None
+            if isinstance(v, bool) or not isinstance(v, _NUM):
+                raise _bad("logit_bias", f"bias for token {k} must be a number")
+            parsed[tok] = float(v)
+        bias = parsed
+    max_tokens = get(body, "max_completion_tokens", (int,), None)
+    if max_tokens is None:
+        max_tokens = get(body, "max_tokens", (int,), default_max_tokens)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        stop_ids = _int_list(stop_ids, "stop_token_ids")
+    top_k = get(body, "top_k", (int,), 0)
+    return SamplingParams(
+        n=get(body, "n", (int,), 1),
+        temperature=float(get(body, "temperature", _NUM, 1.0)),
+        top_p=float(get(body, "top_p", _NUM, 1.0)),
+        top_k=-1 if top_k == -1 else top_k,
+        min_p=float(get(body, "min_p", _NUM, 0.0)),
+        presence_penalty=float(get(body, "presence_penalty", _NUM, 0.0)),
+        frequency_penalty=float(get(body, "frequency_penalty", _NUM, 0.0)),
+        repetition_penalty=float(get(body, "repetition_penalty", _NUM, 1.0)),
+        seed=get(body, "seed", (int,), None),
+        stop=stop,
+        stop_token_ids=stop_ids,
+        include_stop_str_in_output=get(body, "include_stop_str_in_output", (bool,), False),
+        ignore_eos=get(body, "ignore_eos", (bool,), False),
+        max_tokens=max_tokens,
+        min_tokens=get(body, "min_tokens", (int,), 0),
+        logprobs=logprobs,
+        logit_bias=bias,
+        skip_special_tokens=get(body, "skip_special_tokens", (bool,), True),
+    )
+
+
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """`prompt`: a string, an array of strings, an array of token ids, or an array of those."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("prompt", "is required")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [p]
+        if all(isinstance(x, list) for x in p):
+            return [_int_list(x, "prompt") for x in p]
+    if isinstance(p, list) and not p:
+        raise _bad("prompt", "must not be empty")
+    raise _bad("prompt", "must be a string, an array of strings, or token ids")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "must be a non-empty array of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad("messages", f"message {i} must be an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is supported
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                        part.get("text"), str):
+                    raise _bad("messages", f"message {i}: only text content parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise _bad("messages", f"message {i}: 'content' must be a string or text parts")
+        out.append({**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content})
+    return out
