@@ -1,0 +1,68 @@
+"""A real uvicorn server on loopback, in a thread, over a tiny random model that uses the real
+SmolLM2 tokenizer (so text, chat templates and detokenization are the real ones; answers are noise)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.core import EngineConfig, EngineCore
+from jaxserve.loading import LoadedModel
+from jaxserve.server.app import build_app
+from jaxserve.server.metrics import Metrics
+from jaxserve.server.serving import ServerState
+from tests.engine_fixtures import tiny_loaded
+
+API_KEY = "test-key-123"
+MODEL = "tiny-chat"
+MAX_MODEL_LEN = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_chat_model(tokenizer) -> LoadedModel:
+    lm = tiny_loaded(seed=21, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    return LoadedModel(lm.model, lm.config, lm.hf_config, tokenizer, "tiny-chat", lm.dtype)
+
+
+class LiveServer:
+    def __init__(self, lm: LoadedModel, *, api_key: str | None = API_KEY, max_body_bytes: int = 1 << 20,
+                 max_queued_requests: int = 1024, num_kv_blocks: int = 256):
+        core = EngineCore(lm, EngineConfig(
+            max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
+            num_kv_blocks=num_kv_blocks, compilation_cache_dir=None, show_progress=False))
+        self.state = ServerState(model_names=[MODEL], metrics=Metrics(MODEL),
+                                 max_queued_requests=max_queued_requests)
+        self.state.engine = AsyncEngine(core)
+        self.app = build_app(self.state, api_key=api_key, max_body_bytes=max_body_bytes)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", timeout_keep_alive=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.state.engine.shutdown()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.state.engine

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible server, driven over loopback by the official `openai` client and httpx."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import API_KEY, MAX_MODEL_LEN, MODEL, LiveServer, tiny_chat_model
+
+HDR = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def live(smollm):
+    with LiveServer(tiny_chat_model(smollm.tokenizer)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _idle(live):
+    s = live.engine.get_stats()
+    return s["kv_blocks_free"] == s["kv_blocks_total"] and live.engine.num_open_streams == 0
+
+
+def _wait_idle(live, timeout=20.0):
+    end = time.time() + timeout
+    while time.time() < end and not _idle(live):
+        time.sleep(0.05)
+    return _idle(live)
+
+
+# -- the openai client ------------------------------------------------------------------------------
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
+                                       max_tokens=8, temperature=0.0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_and_echo(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.usage.completion_tokens == 6
+    assert r.choices[0].finish_reason == "length"
+    e = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.0,
+                                  echo=True, extra_body={"ignore_eos": True})
+    assert e.choices[0].text == "Once upon a time" + r.choices[0].text
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=20,
+              temperature=0.8, seed=42)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    comp = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=7, stream=True,
+                                          temperature=0.0, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True}))
+    assert comp[-1].usage.completion_tokens == 7
+    whole = client.completions.create(model=MODEL, prompt="abc", max_tokens=7, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in comp if c.choices) == whole.choices[0].text
+
+
+def test_n_and_seed(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Pick a word"}], max_tokens=10,
+              temperature=1.0, seed=7, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+    c = client.completions.create(model=MODEL, prompt=["one", "two"], n=2, max_tokens=3,
+                                  temperature=1.0, seed=1)
+    assert sorted(ch.index for ch in c.choices) == [0, 1, 2, 3]
+
+
+def test_logprobs_shapes(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[-1].logprob
+        assert item.token == item.top_logprobs[0].token  # greedy picks the top token
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0.0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_stop_strings(client):
+    base = client.completions.create(model=MODEL, prompt="The", max_tokens=12, temperature=0.0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[4:7]
+    assert stop.strip(), base
+    cut = client.completions.create(model=MODEL, prompt="The", max_tokens=12, temperature=0.0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == base[: base.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="The", max_tokens=12, temperature=0.0,
+                                         stop=[stop], stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.text
+
+
+def test_tokenize_detokenize(live):
+    r = httpx.post(live.url + "/tokenize", json={"prompt": "Hello world"}, headers=HDR)
+    assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"])
+    assert r.json()["max_model_len"] == MAX_MODEL_LEN
+    d = httpx.post(live.url + "/detokenize", json={"tokens": r.json()["tokens"]}, headers=HDR)
+    assert d.json()["prompt"] == "Hello world"
+    m = httpx.post(live.url + "/tokenize", json={"messages": [{"role": "user", "content": "x"}]}, headers=HDR)
+    assert m.status_code == 200 and m.json()["count"] > 3
+
+
+def test_health_and_metrics_are_open(live):
+    assert httpx.get(live.url + "/health").status_code == 200
+    m = httpx.get(live.url + "/metrics")
+    assert m.status_code == 200
+    for name in ("jaxserve:num_requests_running", "jaxserve:kv_cache_usage_perc",
+                 "jaxserve:prefix_cache_queries_total", "jaxserve:generation_tokens_total",
+                 "jaxserve:time_to_first_token_seconds_bucket", "jaxserve:compiles_after_warmup_total",
+                 "jaxserve:request_success_total"):
+        assert name in m.text
+    assert 'jaxserve:compiles_after_warmup_total{model_name="tiny-chat"} 0' in m.text
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+LONG = [5] * (MAX_MODEL_LEN + 10)
+
+BAD = [
+    # (path, body (dict or raw str), headers override, status, param)
+    (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, 400, "temperature"),
+    (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', None, 400, "temperature"),
+    (CHAT, {"messages": MSG, "temperature": -0.5}, None, 400, "temperature"),
+    (CHAT, {"messages": MSG, "top_p": 0}, None, 400, "top_p"),
+    (CHAT, {"messages": MSG, "top_p": 1.5}, None, 400, "top_p"),
+    (CHAT, {"messages": MSG, "n": 100000}, None, 400, "n"),
+    (COMP, {"prompt": ""}, None, 400, "prompt"),
+    (COMP, {"prompt": [5, 999999]}, None, 400, "prompt_token_ids"),
+    (COMP, {"prompt": [-3, 4]}, None, 400, "prompt_token_ids"),
+    (COMP, {"prompt": LONG}, None, 400, "prompt"),
+    (COMP, {"prompt": [5] * 100, "max_tokens": 200}, None, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "model": "gpt-5"}, None, 404, "model"),
+    (CHAT, {"messages": MSG, "temperature": "hot"}, None, 400, "temperature"),
+    (CHAT, {"messages": "hello"}, None, 400, "messages"),
+    (COMP, {"prompt": "x", "max_tokens": "10"}, None, 400, "max_tokens"),
+    (COMP, {"prompt": {"a": 1}}, None, 400, "prompt"),
+    (CHAT, {"messages": MSG, "stop": [""]}, None, 400, "stop"),
+    (CHAT, {"messages": MSG, "logit_bias": {"abc": 1}}, None, 400, "logit_bias"),
+    (CHAT, {"messages": MSG, "chat_template": "{{ 'x' }}"}, None, 400, "chat_template"),
+    (CHAT, "this is not json", None, 400, None),
+    (CHAT, {"messages": MSG, "pad": "x" * (2 << 20)}, None, 413, None),
+    (CHAT, {"messages": MSG}, {}, 401, None),
+    (CHAT, {"messages": MSG}, {"Authorization": "Bearer wrong"}, 401, None),
+]
+
+
+@pytest.mark.parametrize("path,body,headers,status,param", BAD,
+                         ids=[f"{i}-{b[3]}-{b[4]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_envelope_and_server_keeps_serving(live, path, body, headers, status, param):
+    hdrs = dict(HDR if headers is None else headers)
+    hdrs["Content-Type"] = "application/json"
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(live.url + path, content=data, headers=hdrs, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    assert "0x" not in err["message"] and "/" not in err["message"].replace("N/A", "")
+    if status == 400 and param in ("prompt", "max_tokens") and isinstance(body, dict) and len(
+            str(body.get("prompt", ""))) > 200:
+        assert str(MAX_MODEL_LEN) in err["message"]  # names the numbers
+    ok = httpx.post(live.url + COMP, json={"prompt": "ok", "max_tokens": 2}, headers=HDR, timeout=60)
+    assert ok.status_code == 200
+    assert _wait_idle(live)
+
+
+def test_method_and_path_errors(live):
+    r = httpx.get(live.url + COMP, headers=HDR)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    r = httpx.get(live.url + "/v1/nothing", headers=HDR)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# -- load and disconnects ----------------------------------------------------------------------------
+
+async def _stream_client(url, i, stop_after=None):
+    async with httpx.AsyncClient(timeout=300) as c:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Story {i}"}],
+                "max_tokens": 24, "temperature": 0.7, "seed": i, "stream": True,
+                "ignore_eos": True}
+        n, finished = 0, None
+        async with c.stream("POST", url + CHAT, json=body, headers=HDR) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                n += 1
+                if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                    finished = chunk["choices"][0]["finish_reason"]
+                if stop_after is not None and n >= stop_after:
+                    return n, None  # leave mid-stream: the connection closes
+        return n, finished
+
+
+def test_64_concurrent_streams_complete(live):
+    async def main():
+        return await asyncio.gather(*[_stream_client(live.url, i) for i in range(64)])
+
+    results = asyncio.run(main())
+    assert all(fin == "length" for _, fin in results)
+    assert _wait_idle(live)
+
+
+def test_100_disconnecting_clients_free_everything(live):
+    idle_usage = live.engine.get_stats()["kv_cache_usage_perc"]
+
+    async def main():
+        return await asyncio.gather(*[_stream_client(live.url, i, stop_after=3) for i in range(100)])
+
+    asyncio.run(main())
+    assert _wait_idle(live, timeout=30)
+    assert live.engine.get_stats()["kv_cache_usage_perc"] == idle_usage
+    m = httpx.get(live.url + "/metrics").text
+    assert f'jaxserve:kv_cache_usage_perc{{model_name="{MODEL}"}} {idle_usage}' in m
+    t = time.time()
+    ok = httpx.post(live.url + COMP, json={"prompt": "still here", "max_tokens": 3}, headers=HDR, timeout=30)
+    assert ok.status_code == 200 and time.time() - t < 10
+
+
+def test_non_streaming_disconnect_aborts(live):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + COMP, json=body, headers=HDR, timeout=0.3)
+    assert _wait_idle(live, timeout=30)

@@ -1,0 +1,110 @@
+"""Server lifecycle: 503 while loading, a dead engine, and SIGTERM drain of a real `jaxserve` process."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import uvicorn
+from starlette.testclient import TestClient
+
+from jaxserve.loading.orbax_io import save_orbax
+from jaxserve.server.app import build_app
+from jaxserve.server.launch import JaxServer
+from jaxserve.server.metrics import Metrics
+from jaxserve.server.serving import ServerState
+from tests.server_fixtures import LiveServer, free_port, tiny_chat_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_health_is_503_until_the_engine_is_ready():
+    state = ServerState(model_names=["m"], metrics=Metrics("m"))
+    client = TestClient(build_app(state))
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    assert r.headers["Retry-After"]
+    assert client.get("/metrics").status_code == 200
+
+
+def test_dead_engine_makes_health_503_and_the_server_exit_nonzero(smollm):
+    with LiveServer(tiny_chat_model(smollm.tokenizer), api_key=None) as live:
+        def boom():
+            raise RuntimeError("device lost")
+
+        live.engine.core.step = boom
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 503 and "error" in r.json()
+        assert httpx.get(live.url + "/health").status_code == 503
+        srv = JaxServer(uvicorn.Config(live.app), live.state, shutdown_timeout=1)
+        asyncio.run(asyncio.wait_for(srv.watchdog(), 5))
+        assert srv.exit_code == 1 and srv.should_exit
+
+
+def test_sigterm_drains_inflight_streams_and_exits_0(smollm, tmp_path):
+    lm = tiny_chat_model(smollm.tokenizer)
+    model_dir = save_orbax(lm.model, lm.hf_config, str(tmp_path / "tiny"), tokenizer=lm.tokenizer)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_dir, "--port", str(port),
+         "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "8",
+         "--max-num-batched-tokens", "64", "--num-kv-blocks", "128", "--compilation-cache-dir", "",
+         "--shutdown-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server never became ready"
+            time.sleep(0.5)
+
+        results, started = [], threading.Barrier(5)
+
+        def stream(i):
+            body = {"model": "tiny", "prompt": f"story {i}", "max_tokens": 200, "stream": True,
+                    "ignore_eos": True, "temperature": 0.5, "seed": i}
+            finish, n = None, 0
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        n += 1
+                        if n == 1:
+                            started.wait(timeout=60)
+                        c = json.loads(line[6:])
+                        if c.get("choices") and c["choices"][0]["finish_reason"]:
+                            finish = c["choices"][0]["finish_reason"]
+            results.append((finish, n))
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(timeout=60)  # every stream has its first chunk
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            refused = httpx.post(url + "/v1/completions", json={"prompt": "new", "max_tokens": 2},
+                                 timeout=10).status_code
+        except httpx.HTTPError:
+            refused = "connection refused"
+        assert refused in (503, "connection refused")
+        for t in threads:
+            t.join(timeout=120)
+        assert [f for f, _ in results] == ["length"] * 4, results  # in-flight streams finished
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
