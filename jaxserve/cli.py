@@ -32,7 +32,8 @@ def _load(args):
     t0 = time.perf_counter()
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded default)'} ...",
           file=sys.stderr, flush=True)
-    lm = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
+    lm = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                    progress=True)
     import jax
     print(f"loaded {lm.config.architecture} ({lm.config.num_params() / 1e6:.0f}M params, "
           f"{lm.dtype.__name__ if hasattr(lm.dtype, '__name__') else lm.dtype}) on "
@@ -158,6 +159,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
     p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
     p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=1")
+    p.add_argument("--attention-backend", default="auto")
     p.add_argument("--compilation-cache-dir", default="auto")
     p.add_argument("--uvicorn-log-level", default="warning")
 

@@ -35,12 +35,14 @@ def tiny_chat_model(tokenizer) -> LoadedModel:
 
 class LiveServer:
     def __init__(self, lm: LoadedModel, *, api_key: str | None = API_KEY, max_body_bytes: int = 1 << 20,
-                 max_queued_requests: int = 1024, num_kv_blocks: int = 256):
+                 max_queued_requests: int = 1024, num_kv_blocks: int = 256,
+                 trust_request_chat_template: bool = False):
         core = EngineCore(lm, EngineConfig(
             max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
             num_kv_blocks=num_kv_blocks, compilation_cache_dir=None, show_progress=False))
         self.state = ServerState(model_names=[MODEL], metrics=Metrics(MODEL),
-                                 max_queued_requests=max_queued_requests)
+                                 max_queued_requests=max_queued_requests,
+                                 trust_request_chat_template=trust_request_chat_template)
         self.state.engine = AsyncEngine(core)
         self.app = build_app(self.state, api_key=api_key, max_body_bytes=max_body_bytes)
         self.port = free_port()

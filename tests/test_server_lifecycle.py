@@ -108,3 +108,39 @@ def test_sigterm_drains_inflight_streams_and_exits_0(smollm, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_error_inside_a_stream_is_an_sse_error_then_done(smollm):
+    with LiveServer(tiny_chat_model(smollm.tokenizer), api_key=None) as live:
+        real_step, calls = live.engine.core.step, []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("device lost")
+            return real_step()
+
+        live.engine.core.step = flaky
+        lines = []
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
+                          json={"prompt": "x", "max_tokens": 50, "stream": True, "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        err = json.loads(lines[-2][6:])["error"]
+        assert err["code"] == 503 and "engine" in err["message"]
+
+
+def test_request_templates_are_sandboxed(smollm):
+    with LiveServer(tiny_chat_model(smollm.tokenizer), api_key=None,
+                    trust_request_chat_template=True) as live:
+        ok = httpx.post(live.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+        assert ok.status_code == 200
+        evil = httpx.post(live.url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"})
+        assert evil.status_code == 400 and evil.json()["error"]["param"] == "messages"
+        assert "SecurityError" in evil.json()["error"]["message"]  # refused by the sandbox
+        assert httpx.get(live.url + "/health").status_code == 200

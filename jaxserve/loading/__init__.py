@@ -94,7 +94,7 @@ def _find_source(model: str | None, load_format: str) -> tuple[str, str]:
 
 def load_model(model: str | None = None, *, dtype: Any = "auto", load_format: str = "auto",
                seed: int = 0, shardings: ShardingFn | None = None,
-               load_tokenizer: bool = True) -> LoadedModel:
+               load_tokenizer: bool = True, progress: bool = False) -> LoadedModel:
     from jaxserve.loading import dummy as dummy_mod
     from jaxserve.loading.gguf_loader import GGUFCheckpoint
     from jaxserve.loading.hf_dir import iter_safetensors, read_hf_config
@@ -115,7 +115,7 @@ def load_model(model: str | None = None, *, dtype: Any = "auto", load_format: st
             net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed)
         else:
             net = model_from_tensors(cfg, ckpt.tensors(hf), dtype=dt, shardings=shardings,
-                                     source=os.path.basename(where))
+                                     source=os.path.basename(where), progress=progress)
         if load_tokenizer:
             tokenizer = ckpt.tokenizer()
     elif kind == "preset":
@@ -135,7 +135,8 @@ def load_model(model: str | None = None, *, dtype: Any = "auto", load_format: st
             net = restore_orbax(where, cfg, dtype=dt, shardings=shardings)
         else:
             net = model_from_tensors(cfg, iter_safetensors(where), dtype=dt, shardings=shardings,
-                                     source=os.path.basename(os.path.normpath(where)))
+                                     source=os.path.basename(os.path.normpath(where)),
+                                     progress=progress)
         if load_tokenizer and any(os.path.exists(os.path.join(where, f))
                                   for f in ("tokenizer.json", "tokenizer_config.json")):
             tokenizer = load_hf_tokenizer(where)

@@ -44,12 +44,19 @@ def place(host: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> ja
 
 
 def model_from_tensors(cfg: ModelConfig, tensors: TensorStream, *, dtype=jnp.bfloat16,
-                       shardings: ShardingFn | None = None, source: str = "checkpoint") -> CausalLM:
+                       shardings: ShardingFn | None = None, source: str = "checkpoint",
+                       progress: bool = False) -> CausalLM:
     cls = get_model_class(cfg.architecture)
     graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype))
     pure = nnx.to_pure_dict(state)
     wmap = cls.hf_weight_map(cfg)
     done: dict[str, str] = {}
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+        bar = tqdm(total=len(wmap), desc="loading weights", unit="tensor", file=sys.stderr)
     for file, name, arr in tensors:
         spec = wmap.get(name)
         if spec is None:
@@ -70,6 +77,10 @@ def model_from_tensors(cfg: ModelConfig, tensors: TensorStream, *, dtype=jnp.bfl
         sharding = shardings(spec.path, target.shape) if shardings else None
         _set(pure, spec.path, place(host, dtype, sharding))
         done[name] = file
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     missing = [n for n in wmap if n not in done]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5])
