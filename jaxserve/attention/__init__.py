@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from jaxserve.attention.metadata import AttentionMetadata, AttentionSpec, build_metadata
 from jaxserve.attention.reference import (paged_attention_blockwise, paged_attention_reference,
@@ -51,13 +52,55 @@ class GatherBackend:
         return out, (k_cache, v_cache)
 
 
+class PallasBackend:
+    """GPU kernels where they exist: the Pallas paged decode kernel when every sequence in the step
+    feeds exactly one token (decided on device with `lax.cond`), the jnp blockwise attention for
+    steps with prefill chunks. K/V are written with a donated scatter. On CPU the kernel runs in
+    Pallas interpret mode (slow; for tests)."""
+
+    name = "pallas"
+
+    def __init__(self, interpret: bool | None = None):
+        self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
+        self.device_kind = jax.devices()[0].device_kind
+
+    def __call__(self, q, k, v, cache, meta, positions, spec):
+        from pallas_kernels.paged_decode import paged_decode_attention
+        from pallas_kernels.tuning import decode_params
+
+        k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
+        t, n, h = q.shape
+        s_, m = meta.block_tables.shape
+        splits, ppb, warps, stages = decode_params(self.device_kind, s_, n, k_cache.shape[2], h,
+                                                   k_cache.shape[1], m)
+        starts = meta.query_start_loc[:-1]
+        all_decode = jnp.all(meta.query_start_loc[1:] - starts <= 1)
+
+        def decode(q):
+            o = paged_decode_attention(q[jnp.minimum(starts, t - 1)], k_cache, v_cache,
+                                       meta.block_tables, meta.seq_lens, scale=spec.scale,
+                                       splits=splits, pages_per_block=ppb,
+                                       sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
+                                       num_warps=warps, num_stages=stages, interpret=self.interpret)
+            has_token = meta.query_start_loc[1:] > starts
+            rows = jnp.where(has_token, starts, t)            # padded sequences write nowhere
+            return jnp.zeros_like(q).at[rows].set(o, mode="drop")
+
+        def ragged(q):
+            return paged_attention_blockwise(q, k_cache, v_cache, meta, positions, spec)
+
+        out = jax.lax.cond(all_decode, decode, ragged, q)
+        return out, (k_cache, v_cache)
+
+
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceBackend,
-                                                        "gather": GatherBackend}
+                                                        "gather": GatherBackend,
+                                                        "pallas": PallasBackend}
 
 
 def get_backend(name: str = "auto") -> AttentionBackend:
     if name == "auto":
-        name = "reference"
+        name = "pallas" if jax.default_backend() == "gpu" else "reference"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]()

@@ -1,0 +1,194 @@
+"""Paged decode attention (one query token per sequence), flash-decoding style.
+
+Cache layout (jaxserve's): k_cache, v_cache [P, B, K, H] — P pages of B tokens, K kv heads, H dims.
+Grid (S sequences, K kv heads, splits): each program takes the G = N/K query heads that share one kv
+head (padded to a power of two >= 16 rows for the tensor-core dot), walks its share of the
+sequence's page table `pages_per_block` pages at a time (a gather of whole pages), and keeps an
+online softmax in fp32. A jnp epilogue merges the splits (fp32 log-sum-exp merge).
+
+Layers: `_decode_kernel` (body) -> `_decode_call` (pallas_call: grid, BlockSpecs) ->
+`paged_decode_attention` (jitted, static tuning knobs, `interpret`) -> `paged_decode_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_MASK = -1e30
+
+
+def _decode_kernel(
+    q_ref,        # [Gp, H]      query heads of this kv head (rows >= G are padding)
+    k_ref,        # [P, B, H]    this kv head's slice of the key pages
+    v_ref,        # [P, B, H]
+    tables_ref,   # [S, Mp]      page tables (padded with page 0)
+    lens_ref,     # [S]          KV length of each sequence (0 = padding)
+    o_ref,        # [Gp, H]      partial output of this split (unnormalised / l)
+    m_ref,        # [Gp]         running max of this split
+    l_ref,        # [Gp]         running sum of this split
+    *,
+    pages_per_block: int,
+    pages_per_split: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    s = pl.program_id(0)
+    split = pl.program_id(2)
+    gp, h = q_ref.shape
+    b = k_ref.shape[1]
+    block = pages_per_block * b
+    seq_len = lens_ref[s]
+    n_pages = (seq_len + b - 1) // b
+    first = split * pages_per_split
+    last = jnp.minimum(first + pages_per_split, n_pages)
+    q = q_ref[...].astype(jnp.float32) * scale
+    q = q.astype(k_ref.dtype)
+
+    def body(i, carry):
+        o, m, l = carry
+        p0 = first + i * pages_per_block
+        pages = tables_ref[s, pl.ds(p0, pages_per_block)]                 # [ppb]
+        k = k_ref[pages].reshape(block, h)                                # [ppb*B, H]
+        v = v_ref[pages].reshape(block, h)
+        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [Gp, ppb*B]
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        pos = p0 * b + jnp.arange(block, dtype=jnp.int32)
+        valid = (pos < seq_len) & (pos < last * b)
+        if sliding_window is not None:
+            valid &= pos > seq_len - 1 - sliding_window
+        logits = jnp.where(valid[None, :], logits, _MASK)
+        m_new = jnp.maximum(m, logits.max(axis=-1))
+        p = jnp.exp(logits - m_new[:, None])
+        p = jnp.where(valid[None, :], p, 0.0)
+        corr = jnp.exp(m - m_new)
+        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unused slots may hold NaN
+        o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, m_new, l * corr + p.sum(axis=-1)
+
+    n_iter = jnp.maximum(last - first + pages_per_block - 1, 0) // pages_per_block
+    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _MASK, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, n_iter, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, pages_per_split,
+                 scale, sliding_window, soft_cap, num_warps, num_stages, interpret):
+    s_, k_heads, gp, h = q.shape
+    p, b, _, _ = k_cache.shape
+    mp = tables.shape[1]
+    kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
+                               pages_per_split=pages_per_split, scale=scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
+    out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=(s_, k_heads, splits),
+        in_specs=[
+            pl.BlockSpec((None, None, gp, h), lambda i, j, c: (i, j, 0, 0)),      # q
+            pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0)),          # k pages, head j
+            pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0)),          # v pages, head j
+            pl.BlockSpec((s_, mp), lambda i, j, c: (0, 0)),                       # page tables
+            pl.BlockSpec((s_,), lambda i, j, c: (0,)),                            # lengths
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
+        ],
+        out_shape=out_shape,
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="jaxserve_paged_decode",
+    )(q, k_cache, v_cache, tables, lens)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "pages_per_block", "sliding_window",
+                                             "soft_cap", "num_warps", "num_stages", "interpret"))
+def paged_decode_attention(
+    q: jax.Array,            # [S, N, H]  one query token per sequence
+    k_cache: jax.Array,      # [P, B, K, H]
+    v_cache: jax.Array,      # [P, B, K, H]
+    block_tables: jax.Array,  # [S, M] int32
+    seq_lens: jax.Array,     # [S] int32; the query sits at position seq_len - 1
+    *,
+    scale: float,
+    splits: int = 4,
+    pages_per_block: int = 8,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:              # [S, N, H]
+    s_, n, h = q.shape
+    _, b, k_heads, _ = k_cache.shape
+    g = n // k_heads
+    gp = max(16, 1 << (g - 1).bit_length())
+    m = block_tables.shape[1]
+    pages_per_block = min(pages_per_block, 1 << (m - 1).bit_length())
+    pages_per_split = -(-m // splits)
+    pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
+    mp = pages_per_split * splits
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, mp - m)))
+    qg = q.reshape(s_, k_heads, g, h)
+    if gp != g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    o, mx, l = _decode_call(qg, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
+                            pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+                            scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    # merge the splits: fp32 log-sum-exp
+    m_all = mx.max(axis=0)                                      # [S, K, Gp]
+    w = jnp.exp(mx - m_all[None])                               # [splits, S, K, Gp]
+    l_all = (l * w).sum(axis=0)
+    o_all = (o * w[..., None]).sum(axis=0)
+    out = jnp.where(l_all[..., None] > 0, o_all / jnp.maximum(l_all, 1e-30)[..., None], 0.0)
+    return out[:, :, :g, :].reshape(s_, n, h).astype(q.dtype)
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None):
+    """Pure jnp: gather each sequence's pages, mask beyond its length, softmax in fp32."""
+    s_, n, h = q.shape
+    _, b, k_heads, _ = k_cache.shape
+    g = n // k_heads
+    m = block_tables.shape[1]
+    k = k_cache[block_tables].reshape(s_, m * b, k_heads, h).astype(jnp.float32)
+    v = v_cache[block_tables].reshape(s_, m * b, k_heads, h).astype(jnp.float32)
+    pos = jnp.arange(m * b)
+    valid = pos[None, :] < seq_lens[:, None]                    # [S, C]
+    if sliding_window is not None:
+        valid &= pos[None, :] > seq_lens[:, None] - 1 - sliding_window
+    qg = q.reshape(s_, k_heads, g, h).astype(jnp.float32)
+    logits = jnp.einsum("skgh,sckh->skgc", qg, k) * scale
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    logits = jnp.where(valid[:, None, None, :], logits, _MASK)
+    p = jax.nn.softmax(logits, axis=-1)
+    v = jnp.where(valid[:, :, None, None], v, 0.0)
+    out = jnp.einsum("skgc,sckh->skgh", p, v)
+    out = jnp.where(valid.any(-1)[:, None, None, None], out, 0.0)
+    return out.reshape(s_, n, h).astype(q.dtype)
+
+
+def bytes_read(seq_lens, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """K + V bytes a decode step must read (for TB/s figures)."""
+    return int(2 * sum(int(x) for x in seq_lens) * num_kv_heads * head_dim * itemsize)
+
+
+__all__ = ["paged_decode_attention", "paged_decode_reference", "bytes_read"]

@@ -1,0 +1,26 @@
+"""Tuned launch parameters for the Pallas kernels, keyed by card, head config and page size.
+
+`decode_params` returns (splits, pages_per_block, num_warps, num_stages). Entries measured with
+scripts/bench_attention.py go in TABLE; anything else falls back to a heuristic that gives the GPU
+enough programs (S x K x splits) to fill every SM several times over.
+"""
+
+from __future__ import annotations
+
+# (device_kind substring, q_heads, kv_heads, head_dim, page_size) -> (pages_per_block, num_warps, num_stages)
+TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {}
+
+_SMS = {"H100": 132, "H200": 132}
+
+
+def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, head_dim: int,
+                  page_size: int, max_pages: int) -> tuple[int, int, int, int]:
+    ppb, warps, stages = 8, 4, 2
+    for (card, n, k, h, b), val in TABLE.items():
+        if card in device_kind and (n, k, h, b) == (q_heads, kv_heads, head_dim, page_size):
+            ppb, warps, stages = val
+    ppb = max(1, min(ppb, max_pages))
+    sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
+    programs = max(1, num_seqs * kv_heads)
+    splits = max(1, min(-(-4 * sms // programs), max(1, max_pages // ppb)))
+    return splits, ppb, warps, stages

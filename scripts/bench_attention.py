@@ -1,0 +1,142 @@
+"""Paged-attention benchmark (GPU machine): measures the HBM read ceiling first, then per shape the
+µs, achieved TB/s and % of that ceiling of: our Pallas decode kernel, JAX's own
+`jax.experimental.pallas.ops.gpu.paged_attention`, and the jnp reference, all in the same run.
+
+    python scripts/bench_attention.py [--quick] [--sweep] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, paged_decode_reference
+from pallas_kernels.tuning import decode_params
+
+HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
+
+
+def timeit(f, *args, iters: int = 20) -> float:
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_ceiling() -> float:
+    n = 2 << 30  # 4 GiB of bf16
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    best = 0.0
+    for f in (jax.jit(lambda a: jnp.sum(a)), jax.jit(lambda a: jnp.max(a)),
+              jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0))):
+        best = max(best, n * 2 / timeit(f, x, iters=10) / 1e12)
+    del x
+    return best
+
+
+def make_case(batch, length, n, k, h, page=16, seed=0):
+    rng = np.random.default_rng(seed)
+    m = length // page
+    pages = batch * m + 1
+    kc = jax.random.normal(jax.random.key(seed), (pages, page, k, h), jnp.bfloat16)
+    vc = jax.random.normal(jax.random.key(seed + 1), (pages, page, k, h), jnp.bfloat16)
+    tables = jnp.asarray(rng.permutation(np.arange(1, pages))[: batch * m].reshape(batch, m), jnp.int32)
+    lens = jnp.full((batch,), length, jnp.int32)
+    q = jax.random.normal(jax.random.key(seed + 2), (batch, n, h), jnp.bfloat16)
+    return q, kc, vc, tables, lens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--sweep", action="store_true", help="tune splits/pages_per_block/warps on B=64 L=2048")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
+
+    kind = jax.devices()[0].device_kind
+    ceiling = read_ceiling()
+    print(f"device: {kind}; HBM read ceiling (best of sum/max over 4 GiB bf16): {ceiling:.2f} TB/s")
+    rows = []
+    batches = [1, 64] if args.quick else [1, 8, 64, 256]
+    lengths = [2048] if args.quick else [512, 2048, 8192]
+    print(f"{'heads':>11} {'B':>4} {'L':>5} | {'ours µs':>8} {'TB/s':>5} {'%':>4} | {'jax µs':>8} {'TB/s':>5} "
+          f"{'%':>4} | {'jnp µs':>8} {'TB/s':>5} | ours/jax")
+    for name, (n, k, h) in HEADS.items():
+        for b in batches:
+            for length in lengths:
+                q, kc, vc, tables, lens = make_case(b, length, n, k, h)
+                nbytes = bytes_read([length] * b, k, h, 2)
+                splits, ppb, warps, stages = decode_params(kind, b, n, k, h, 16, tables.shape[1])
+                ours = jax.jit(lambda q, kc, vc, t, l: paged_decode_attention(
+                    q, kc, vc, t, l, scale=h ** -0.5, splits=splits, pages_per_block=ppb,
+                    num_warps=warps, num_stages=stages))
+                t_ours = timeit(ours, q, kc, vc, tables, lens)
+                ref = paged_decode_reference(q, kc, vc, tables, lens, scale=h ** -0.5)
+                got = ours(q, kc, vc, tables, lens)
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
+                kc_h, vc_h = jnp.transpose(kc, (2, 0, 1, 3)), jnp.transpose(vc, (2, 0, 1, 3))
+                ksplit = min(16, tables.shape[1])
+                jfn = jax.jit(lambda q, kc, vc, t, l: jax_pa.paged_attention(
+                    q, kc, vc, t, l, k_splits=ksplit, pages_per_compute_block=min(8, tables.shape[1] // ksplit)))
+                try:
+                    t_jax = timeit(jfn, q, kc_h, vc_h, tables, lens)
+                except Exception as e:  # keep going: report what failed
+                    print(f"  jax paged_attention failed: {type(e).__name__}: {str(e)[:120]}")
+                    t_jax = float("nan")
+                t_ref = float("nan")
+                if b * length <= 64 * 2048:
+                    rfn = jax.jit(lambda q, kc, vc, t, l: paged_decode_reference(q, kc, vc, t, l, scale=h ** -0.5))
+                    t_ref = timeit(rfn, q, kc, vc, tables, lens, iters=5)
+                tbs = lambda t: nbytes / t / 1e12
+                row = {"heads": name, "batch": b, "len": length, "bytes": nbytes, "max_abs_err": err,
+                       "ours_us": t_ours * 1e6, "ours_tbs": tbs(t_ours), "ours_pct": 100 * tbs(t_ours) / ceiling,
+                       "jax_us": t_jax * 1e6, "jax_tbs": tbs(t_jax), "jax_pct": 100 * tbs(t_jax) / ceiling,
+                       "ref_us": t_ref * 1e6, "ref_tbs": tbs(t_ref),
+                       "params": {"splits": splits, "ppb": ppb, "warps": warps, "stages": stages}}
+                rows.append(row)
+                print(f"{name:>11} {b:>4} {length:>5} | {row['ours_us']:>8.1f} {row['ours_tbs']:>5.2f} "
+                      f"{row['ours_pct']:>4.0f} | {row['jax_us']:>8.1f} {row['jax_tbs']:>5.2f} {row['jax_pct']:>4.0f} | "
+                      f"{row['ref_us']:>8.1f} {row['ref_tbs']:>5.2f} | {t_jax / t_ours:>5.2f}x  err {err:.3f}",
+                      flush=True)
+                del kc, vc, kc_h, vc_h
+    sweep = []
+    if args.sweep:
+        n, k, h = HEADS["qwen2.5-7b"]
+        q, kc, vc, tables, lens = make_case(64, 2048, n, k, h)
+        nbytes = bytes_read([2048] * 64, k, h, 2)
+        for splits in (1, 2, 4, 8):
+            for ppb in (4, 8, 16):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        f = jax.jit(lambda q, kc, vc, t, l: paged_decode_attention(
+                            q, kc, vc, t, l, scale=h ** -0.5, splits=splits, pages_per_block=ppb,
+                            num_warps=warps, num_stages=stages))
+                        try:
+                            t = timeit(f, q, kc, vc, tables, lens)
+                        except Exception as e:
+                            print(f"  sweep {splits} {ppb} {warps} {stages} failed: {type(e).__name__}")
+                            continue
+                        sweep.append({"splits": splits, "ppb": ppb, "warps": warps, "stages": stages,
+                                      "us": t * 1e6, "tbs": nbytes / t / 1e12})
+        sweep.sort(key=lambda r: r["us"])
+        print("sweep (qwen heads, B=64, L=2048), best first:")
+        for r in sweep[:8]:
+            print(f"  splits={r['splits']:>2} ppb={r['ppb']:>2} warps={r['warps']} stages={r['stages']}: "
+                  f"{r['us']:.1f} µs {r['tbs']:.2f} TB/s ({100 * r['tbs'] / ceiling:.0f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": kind, "ceiling_tbs": ceiling, "rows": rows, "sweep": sweep}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
