@@ -22,14 +22,19 @@ from pallas_kernels.tuning import decode_params
 HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
 
 
-def timeit(f, *args, iters: int = 20) -> float:
+def timeit(f, *args, iters: int = 20, rounds: int = 5) -> float:
+    """Seconds per call on the device: `iters` calls dispatched back to back (JAX dispatch is
+    asynchronous, so host launch overhead overlaps the GPU work), one sync; median of `rounds`."""
     jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
+    per_call = []
+    for _ in range(rounds):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        out = None
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t) / iters)
+    return statistics.median(per_call)
 
 
 def read_ceiling() -> float:
@@ -38,7 +43,7 @@ def read_ceiling() -> float:
     best = 0.0
     for f in (jax.jit(lambda a: jnp.sum(a)), jax.jit(lambda a: jnp.max(a)),
               jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0))):
-        best = max(best, n * 2 / timeit(f, x, iters=10) / 1e12)
+        best = max(best, n * 2 / timeit(f, x, iters=10, rounds=3) / 1e12)
     del x
     return best
 
@@ -96,7 +101,7 @@ def main() -> None:
                 t_ref = float("nan")
                 if b * length <= 64 * 2048:
                     rfn = jax.jit(lambda q, kc, vc, t, l: paged_decode_reference(q, kc, vc, t, l, scale=h ** -0.5))
-                    t_ref = timeit(rfn, q, kc, vc, tables, lens, iters=5)
+                    t_ref = timeit(rfn, q, kc, vc, tables, lens, iters=5, rounds=3)
                 tbs = lambda t: nbytes / t / 1e12
                 row = {"heads": name, "batch": b, "len": length, "bytes": nbytes, "max_abs_err": err,
                        "ours_us": t_ours * 1e6, "ours_tbs": tbs(t_ours), "ours_pct": 100 * tbs(t_ours) / ceiling,
