@@ -8,7 +8,15 @@ enough programs (S x K x splits) to fill every SM several times over.
 from __future__ import annotations
 
 # (device_kind substring, q_heads, kv_heads, head_dim, page_size) -> (pages_per_block, num_warps, num_stages)
-TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {}
+TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {
+    # NVIDIA H200, 2026-11-26, scripts/bench_attention.py --sweep (B=64, L=2048, bf16): best of
+    # splits {1,2,4,8} x pages_per_block {4,8,16} x warps {4,8} x stages {1,2,3}
+    ("H200", 28, 4, 128, 16): (4, 4, 1),
+    ("H200", 32, 8, 128, 16): (4, 4, 1),
+    # H100: same Hopper SM count; taken from the H200 sweep until measured on an H100
+    ("H100", 28, 4, 128, 16): (4, 4, 1),
+    ("H100", 32, 8, 128, 16): (4, 4, 1),
+}
 
 _SMS = {"H100": 132, "H200": 132}
 
@@ -22,5 +30,6 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
     ppb = max(1, min(ppb, max_pages))
     sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
     programs = max(1, num_seqs * kv_heads)
-    splits = max(1, min(-(-4 * sms // programs), max(1, max_pages // ppb)))
+    # the sweep's best (B=64, K=4 -> 256 programs) used 2 splits: ~2 programs per SM in total
+    splits = max(1, min(-(-2 * sms // programs), max(1, max_pages // ppb)))
     return splits, ppb, warps, stages
