@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--compare-overlap", action="store_true",
+                    help="also run with overlapped output processing off, in the same run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -57,7 +59,10 @@ def main() -> None:
     weight_bytes = cfg.num_params() * 2
     rng = np.random.default_rng(0)
     rows = []
-    for b in args.batches:
+    modes = [True, False] if args.compare_overlap else [True]
+    import dataclasses
+    for overlap, b in [(o, b) for o in modes for b in args.batches]:
+        llm.engine.config = dataclasses.replace(llm.engine.config, overlap_output_processing=overlap)
         prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}
                    for _ in range(b)]
         sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -68,7 +73,7 @@ def main() -> None:
             llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
-        row = {"batch": b, "seconds": med, "output_tok_s": b * args.output_len / med}
+        row = {"batch": b, "overlap": overlap, "seconds": med, "output_tok_s": b * args.output_len / med}
         if b == 1:
             roofline = ceiling * 1e12 / weight_bytes
             row["roofline_tok_s"] = roofline
@@ -79,10 +84,10 @@ def main() -> None:
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
           f"{stats['compiles_after_warmup']}")
-    print(f"{'batch':>6} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
+    print(f"{'batch':>6} {'overlap':>8} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
     for r in rows:
         pct = f"{r['pct_of_roofline']:.1f}" if "pct_of_roofline" in r else "-"
-        print(f"{r['batch']:>6} {r['seconds']:>9.3f} {r['output_tok_s']:>10.1f} {pct:>10}")
+        print(f"{r['batch']:>6} {str(r['overlap']):>8} {r['seconds']:>9.3f} {r['output_tok_s']:>10.1f} {pct:>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "ceiling_tbs": ceiling,

@@ -52,3 +52,21 @@ def test_string_prompt_and_logprobs_decode(llm):
     first = out.outputs[0].logprobs[0]
     tok = out.outputs[0].token_ids[0]
     assert first[tok].decoded_token == llm.tokenizer.decode([tok])
+
+
+def test_overlapped_output_processing_changes_nothing(llm):
+    import dataclasses
+
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    sp = [SamplingParams(temperature=0.0, max_tokens=25, stop=["Paris", "Blue"]),
+          SamplingParams(temperature=0.0, max_tokens=25, stop=["Blue"]),
+          SamplingParams(temperature=0.9, seed=5, max_tokens=25)]
+    eng = llm.engine
+    results = {}
+    for overlap in (True, False):
+        eng.config = dataclasses.replace(eng.config, overlap_output_processing=overlap)
+        results[overlap] = [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                            for o in llm.chat(msgs, sp)]
+    eng.config = dataclasses.replace(eng.config, overlap_output_processing=True)
+    assert results[True] == results[False]
+    assert results[True][0][2] == "stop" and results[True][1][2] == "stop"

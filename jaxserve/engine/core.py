@@ -42,6 +42,10 @@ class EngineConfig:
     seed: int = 0
     compilation_cache_dir: str | None = "auto"
     show_progress: bool = True
+    # Process step N's outputs (detokenize, stop strings, RequestOutputs) on the host while the
+    # device runs step N+1. Stop strings then end a request one step later (its extra token is
+    # dropped) and every update reaches the caller one step later.
+    overlap_output_processing: bool = True
 
 
 def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_num_seqs: int,
@@ -119,6 +123,7 @@ class EngineCore:
         self._rng = np.random.default_rng(config.seed)
         self._groups: dict[str, _Group] = {}
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
+        self._pending: tuple[list, dict, float] | None = None   # step outputs not yet processed
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
@@ -200,34 +205,51 @@ class EngineCore:
                 s.finish_reason = "abort"
         return self._finish_group(group)
 
-    def has_unfinished(self) -> bool:
-        return bool(self._groups)
-
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty and not out.released_ids:
+        handle = None
+        if not out.is_empty or out.released_ids:
+            handle = self.runner.dispatch(out)           # the device starts on step N
+        results = []
+        if self.config.overlap_output_processing:
+            results = self._process_pending()           # host: outputs of step N-1, meanwhile
+        if handle is not None or out.seqs:
+            sampled = self.runner.fetch(handle)
+            events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
+            now = time.monotonic()
+            for ns in out.new_seqs:
+                entry = self._sample_of.get(ns.request_id)
+                if entry is not None and entry[0].scheduled_time is None:
+                    entry[0].scheduled_time = now
+            self._pending = (events, sampled, now)
+        if not self.config.overlap_output_processing:
+            results = self._process_pending()
+        return results
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups) or self._pending is not None
+
+    def _process_pending(self) -> list[RequestOutput]:
+        if self._pending is None:
             return []
-        sampled = self.runner.execute(out)
-        events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
+        events, sampled, now = self._pending
+        self._pending = None
         changed: dict[str, _Group] = {}
-        now = time.monotonic()
-        for ns in out.new_seqs:
-            entry = self._sample_of.get(ns.request_id)
-            if entry is not None and entry[0].scheduled_time is None:
-                entry[0].scheduled_time = now
         for req, tok in events:
             if tok is None:
                 continue
-            group, sample = self._sample_of[req.request_id]
+            entry = self._sample_of.get(req.request_id)
+            if entry is None:  # aborted meanwhile
+                continue
+            group, sample = entry
+            if sample.finish_reason is not None:  # ended by a stop string one step earlier
+                continue
             if group.first_token_time is None:
                 group.first_token_time = now
             self._on_token(group, sample, tok, sampled[req.request_id])
             changed[group.request_id] = group
-        results = []
-        for group in changed.values():
-            results.append(self._finish_group(group) if group.finished else self._snapshot(group))
-        return results
+        return [self._finish_group(g) if g.finished else self._snapshot(g) for g in changed.values()]
 
     def _on_token(self, group: _Group, s: _Sample, tok: int, sm: Sampled) -> None:
         self.generation_tokens_total += 1

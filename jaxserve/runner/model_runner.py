@@ -128,12 +128,16 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> dict[str, Sampled]:
+        return self.fetch(self.dispatch(out))
+
+    def dispatch(self, out: SchedulerOutput):
+        """Enqueue the step on the device and return at once (JAX dispatch is asynchronous)."""
         for rid in out.released_ids:
             self._release(rid)
         for ns in out.new_seqs:
             self._admit(ns)
         if not out.seqs:
-            return {}
+            return None
         t, s = pick_bucket(out.num_tokens, len(out.seqs), self.buckets)
         meta, positions = build_metadata(
             [(q.block_table, q.num_computed_tokens, len(q.token_ids)) for q in out.seqs],
@@ -163,10 +167,17 @@ class ModelRunner:
             rows["frequency"][i] = p.frequency_penalty
             rows["repetition"][i] = p.repetition_penalty
         st = SamplingTensors(**rows)
-        (tokens, lp, top_ids, top_lp), self.kv, self.sampler_state = self._step(
+        result, self.kv, self.sampler_state = self._step(
             self.params, self.kv, self.sampler_state, ids, positions, meta, logits_idx, st)
-        tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
         self.num_steps += 1
+        return out, result
+
+    def fetch(self, handle) -> dict[str, Sampled]:
+        """Wait for a dispatched step and bring its sampled tokens to the host."""
+        if handle is None:
+            return {}
+        out, result = handle
+        tokens, lp, top_ids, top_lp = jax.device_get(result)
         return {q.request_id: Sampled(int(tokens[i]), float(lp[i]), top_ids[i], top_lp[i])
                 for i, q in enumerate(out.seqs) if q.sample}
 
