@@ -84,7 +84,25 @@ def main() -> None:
             row["roofline_tok_s"] = roofline
             row["pct_of_roofline"] = 100 * row["output_tok_s"] / roofline
         rows.append(row)
+    step_times = {}
+    runner = llm.engine.runner
+    for t, s_ in runner.buckets:
+        if t in args.batches and s_ == t:  # device time of one padded decode-shaped step
+            inputs = runner._padding_inputs(t, s_)
+            state = {"kv": runner.kv, "ss": runner.sampler_state}
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    res, state["kv"], state["ss"] = runner._step(runner.params, state["kv"], state["ss"],
+                                                                 *inputs)
+                jax.block_until_ready(res)
+                times.append((time.perf_counter() - t0) / 20)
+            runner.kv, runner.sampler_state = state["kv"], state["ss"]
+            step_times[t] = statistics.median(times)
     stats = llm.get_stats()
+    print(f"device step time (back-to-back, no host work), by batch: "
+          + ", ".join(f"{b}: {1e3 * v:.2f} ms" for b, v in step_times.items()))
     print(f"device: {jax.devices()[0].device_kind}; read ceiling {ceiling:.2f} TB/s; "
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
