@@ -26,7 +26,8 @@ def client(live):
 
 def _idle(live):
     s = live.engine.get_stats()
-    return s["kv_blocks_free"] == s["kv_blocks_total"] and live.engine.num_open_streams == 0
+    return (s["kv_blocks_free"] == s["kv_blocks_total"] and live.engine.num_open_streams == 0
+            and live.state.inflight == 0)
 
 
 def _wait_idle(live, timeout=20.0):
@@ -266,3 +267,21 @@ def test_non_streaming_disconnect_aborts(live):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + COMP, json=body, headers=HDR, timeout=0.3)
     assert _wait_idle(live, timeout=30)
+
+
+def test_queue_full_is_429_with_retry_after(smollm):
+    # max_num_seqs 8 + 0 queued: the 9th concurrent request is refused, then service resumes
+    with LiveServer(tiny_chat_model(smollm.tokenizer), api_key=None, max_queued_requests=0) as srv:
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as c:
+                body = {"prompt": "x", "max_tokens": 150, "ignore_eos": True}
+                return await asyncio.gather(*[c.post(srv.url + COMP, json=body) for _ in range(14)])
+
+        codes = [r.status_code for r in asyncio.run(main())]
+        assert 429 in codes and 200 in codes, codes
+        refused = [r for r in asyncio.run(main()) if r.status_code == 429]
+        assert refused and refused[0].headers["Retry-After"] == "1"
+        assert refused[0].json()["error"]["type"] == "rate_limit_error"
+        assert _wait_idle(srv)
+        ok = httpx.post(srv.url + COMP, json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200

@@ -51,8 +51,10 @@ def render_chat(tokenizer, messages: list[dict], template: str | None, add_gener
 
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    admitted = False
     try:
-        engine = state.ready_engine()
+        engine = state.admit()
+        admitted = True
         body = await read_json(request)
         model = state.check_model(body)
         messages = protocol.chat_messages(body)
@@ -79,6 +81,8 @@ async def create_chat_completion(request: Request) -> Response:
         ids = await asyncio.to_thread(render_chat, engine.tokenizer, messages, template, add_gen)
         prepared = await prepare_prompts(engine, [ids], params)
     except Exception as e:
+        if admitted:
+            state.release()
         return as_api_error(e).response()
 
     rid = f"chatcmpl-{int(time.time() * 1000):x}"
@@ -97,6 +101,8 @@ async def create_chat_completion(request: Request) -> Response:
             final = await until_disconnected(request, collect())
         except Exception as e:
             return as_api_error(e).response()
+        finally:
+            state.release()
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o, 0, k) if k is not None else None,
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
@@ -133,6 +139,8 @@ async def create_chat_completion(request: Request) -> Response:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))
         except Exception as e:
             yield sse(as_api_error(e).body())
+        finally:
+            state.release()
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

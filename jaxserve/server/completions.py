@@ -32,8 +32,10 @@ def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset
 
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    admitted = False
     try:
-        engine = state.ready_engine()
+        engine = state.admit()
+        admitted = True
         body = await read_json(request)
         model = state.check_model(body)
         prompts = protocol.completion_prompts(body)
@@ -50,6 +52,8 @@ async def create_completion(request: Request) -> Response:
         params.validate(engine.core.lm.config.vocab_size)
         prepared = await prepare_prompts(engine, prompts, params)
     except Exception as e:
+        if admitted:
+            state.release()
         return as_api_error(e).response()
 
     tok = engine.tokenizer
@@ -72,6 +76,8 @@ async def create_completion(request: Request) -> Response:
             finals = await until_disconnected(request, collect())
         except Exception as e:
             return as_api_error(e).response()
+        finally:
+            state.release()
         choices, completion_tokens = [], 0
         for p in range(len(prepared)):
             tr, out = finals[p]
@@ -114,6 +120,8 @@ async def create_completion(request: Request) -> Response:
                            "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except Exception as e:  # an error after the stream started: SSE error event, then [DONE]
             yield sse(as_api_error(e).body())
+        finally:
+            state.release()
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -29,6 +29,7 @@ class ServerState:
     chat_template: str | None = None           # operator override
     trust_request_chat_template: bool = False
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    inflight: int = 0                          # admitted requests not yet answered in full
 
     @property
     def served_name(self) -> str:
@@ -41,11 +42,21 @@ class ServerState:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
         if self.engine.is_dead:
             raise APIError(503, "the engine has stopped; the server is exiting")
-        limit = self.engine.core.scheduler.config.max_num_seqs + self.max_queued_requests
-        if self.engine.num_open_streams >= limit:
-            raise APIError(429, f"too many requests in flight ({self.engine.num_open_streams}); "
-                                f"retry later", headers={"Retry-After": "1"})
         return self.engine
+
+    def admit(self) -> AsyncEngine:
+        """Admission control for generation requests: counted synchronously on the event loop, so
+        a burst cannot slip past the limit. Pair every successful call with `release()`."""
+        engine = self.ready_engine()
+        limit = engine.core.scheduler.config.max_num_seqs + self.max_queued_requests
+        if self.inflight >= limit:
+            raise APIError(429, f"too many requests in flight ({self.inflight}); retry later",
+                           headers={"Retry-After": "1"})
+        self.inflight += 1
+        return engine
+
+    def release(self) -> None:
+        self.inflight = max(0, self.inflight - 1)
 
     def check_model(self, body: dict) -> str:
         name = body.get("model")
