@@ -86,23 +86,25 @@ def main() -> None:
         rows.append(row)
     step_times = {}
     runner = llm.engine.runner
-    for t, s_ in runner.buckets:
-        if t in args.batches and s_ == t:  # device time of one padded decode-shaped step
-            inputs = runner._padding_inputs(t, s_)
-            state = {"kv": runner.kv, "ss": runner.sampler_state}
+    variants = [("general", runner._step)] + ([("decode", runner._step_decode)]
+                                              if runner._step_decode is not None else [])
+    for label, fn in variants:
+        for b in args.batches:
+            if (b, b) not in runner.buckets and (b, b) not in runner.decode_buckets:
+                continue
+            inputs = runner._padding_inputs(b, b)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                for _ in range(20):
-                    res, state["kv"], state["ss"] = runner._step(runner.params, state["kv"], state["ss"],
-                                                                 *inputs)
+                for _ in range(20):  # device time of one padded step, dispatched back to back
+                    res, runner.kv, runner.sampler_state = fn(runner.params, runner.kv,
+                                                              runner.sampler_state, *inputs)
                 jax.block_until_ready(res)
                 times.append((time.perf_counter() - t0) / 20)
-            runner.kv, runner.sampler_state = state["kv"], state["ss"]
-            step_times[t] = statistics.median(times)
+            step_times[f"{label} b={b}"] = statistics.median(times)
     stats = llm.get_stats()
-    print(f"device step time (back-to-back, no host work), by batch: "
-          + ", ".join(f"{b}: {1e3 * v:.2f} ms" for b, v in step_times.items()))
+    print("device step time (back-to-back, no host work): "
+          + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in step_times.items()))
     print(f"device: {jax.devices()[0].device_kind}; read ceiling {ceiling:.2f} TB/s; "
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "

@@ -53,43 +53,38 @@ class GatherBackend:
 
 
 class PallasBackend:
-    """GPU kernels where they exist: the Pallas paged decode kernel when every sequence in the step
-    feeds exactly one token (decided on device with `lax.cond`), the jnp blockwise attention for
-    steps with prefill chunks. K/V are written with a donated scatter. On CPU the kernel runs in
-    Pallas interpret mode (slow; for tests)."""
+    """GPU kernels where they exist. The runner compiles two variants of every step: a decode
+    variant (`decode_only=True`, used when every sequence feeds exactly one token) that calls the
+    Pallas paged decode kernel, and the general variant that runs the jnp blockwise attention for
+    steps with prefill chunks. Choosing on the host keeps data-dependent control flow out of the
+    compiled step. K/V are written with a donated scatter. On CPU the kernel runs in Pallas
+    interpret mode (slow; for tests)."""
 
     name = "pallas"
 
-    def __init__(self, interpret: bool | None = None):
+    def __init__(self, interpret: bool | None = None, decode_only: bool = False):
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
+        self.decode_only = decode_only
         self.device_kind = jax.devices()[0].device_kind
 
+    def decode_variant(self) -> "PallasBackend":
+        return PallasBackend(self.interpret, decode_only=True)
+
     def __call__(self, q, k, v, cache, meta, positions, spec):
+        k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
+        if not self.decode_only:
+            return paged_attention_blockwise(q, k_cache, v_cache, meta, positions, spec), (k_cache, v_cache)
         from pallas_kernels.paged_decode import paged_decode_attention
         from pallas_kernels.tuning import decode_params
 
-        k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
-        t, n, h = q.shape
+        # NOTE: decode steps have T == S and token i belongs to sequence i (padding: seq_len 0).
         s_, m = meta.block_tables.shape
-        splits, ppb, warps, stages = decode_params(self.device_kind, s_, n, k_cache.shape[2], h,
-                                                   k_cache.shape[1], m)
-        starts = meta.query_start_loc[:-1]
-        all_decode = jnp.all(meta.query_start_loc[1:] - starts <= 1)
-
-        def decode(q):
-            o = paged_decode_attention(q[jnp.minimum(starts, t - 1)], k_cache, v_cache,
-                                       meta.block_tables, meta.seq_lens, scale=spec.scale,
-                                       splits=splits, pages_per_block=ppb,
-                                       sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
-                                       num_warps=warps, num_stages=stages, interpret=self.interpret)
-            has_token = meta.query_start_loc[1:] > starts
-            rows = jnp.where(has_token, starts, t)            # padded sequences write nowhere
-            return jnp.zeros_like(q).at[rows].set(o, mode="drop")
-
-        def ragged(q):
-            return paged_attention_blockwise(q, k_cache, v_cache, meta, positions, spec)
-
-        out = jax.lax.cond(all_decode, decode, ragged, q)
+        splits, ppb, warps, stages = decode_params(self.device_kind, s_, q.shape[1], k_cache.shape[2],
+                                                   q.shape[2], k_cache.shape[1], m)
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     scale=spec.scale, splits=splits, pages_per_block=ppb,
+                                     sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
+                                     num_warps=warps, num_stages=stages, interpret=self.interpret)
         return out, (k_cache, v_cache)
 
 

@@ -9,6 +9,7 @@ sampler state donated (updated in place). Per-request sampling state lives in de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Iterable
 
@@ -55,7 +56,17 @@ class ModelRunner:
         self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
+        self._step = jax.jit(functools.partial(self._step_fn, backend=self.backend),
+                             donate_argnums=(1, 2))
+        # A decode-only variant of the step (every sequence feeds one token: T == S), when the
+        # backend has a specialised kernel for it; its buckets are the sequence-count buckets.
+        decode_backend = getattr(self.backend, "decode_variant", lambda: None)()
+        self._step_decode = None
+        self.decode_buckets: list[tuple[int, int]] = []
+        if decode_backend is not None:
+            self._step_decode = jax.jit(functools.partial(self._step_fn, backend=decode_backend),
+                                        donate_argnums=(1, 2))
+            self.decode_buckets = sorted({(s, s) for _, s in self.buckets})
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         self._seed: dict[str, int] = {}
@@ -65,9 +76,9 @@ class ModelRunner:
 
     # -- the jitted step ------------------------------------------------------------------------
     def _step_fn(self, params, kv, sstate, input_ids, positions, meta: AttentionMetadata,
-                 logits_indices, st: SamplingTensors):
+                 logits_indices, st: SamplingTensors, *, backend: AttentionBackend):
         model = nnx.merge(self.graphdef, params)
-        hidden, kv = model(input_ids, positions, kv, meta, self.backend)
+        hidden, kv = model(input_ids, positions, kv, meta, backend)
         logits = model.compute_logits(hidden[logits_indices])
         tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st)
         return (tokens, lp, top_ids, top_lp), kv, sstate
@@ -85,13 +96,15 @@ class ModelRunner:
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket now (padding-only steps write to the null page only)."""
-        it: Iterable = self.buckets
+        work = [(self._step, t, s) for t, s in self.buckets] + [
+            (self._step_decode, t, s) for t, s in self.decode_buckets]
+        it: Iterable = work
         if progress:
             from tqdm import tqdm
-            it = tqdm(self.buckets, desc="compiling step buckets", unit="shape", file=sys.stderr)
-        for t, s in it:
-            out, self.kv, self.sampler_state = self._step(self.params, self.kv, self.sampler_state,
-                                                          *self._padding_inputs(t, s))
+            it = tqdm(work, desc="compiling step buckets", unit="shape", file=sys.stderr)
+        for fn, t, s in it:
+            out, self.kv, self.sampler_state = fn(self.params, self.kv, self.sampler_state,
+                                                  *self._padding_inputs(t, s))
             jax.block_until_ready(out)
         empty = np.zeros(self.cfg.vocab_size, np.int32)
         self.sampler_state = set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
@@ -138,7 +151,12 @@ class ModelRunner:
             self._admit(ns)
         if not out.seqs:
             return None
-        t, s = pick_bucket(out.num_tokens, len(out.seqs), self.buckets)
+        step = self._step
+        if self._step_decode is not None and out.num_tokens == len(out.seqs):
+            step = self._step_decode   # every sequence feeds exactly one token
+            t, s = pick_bucket(len(out.seqs), len(out.seqs), self.decode_buckets)
+        else:
+            t, s = pick_bucket(out.num_tokens, len(out.seqs), self.buckets)
         meta, positions = build_metadata(
             [(q.block_table, q.num_computed_tokens, len(q.token_ids)) for q in out.seqs],
             block_size=self.block_size, num_tokens=t, num_seqs=s,
@@ -167,7 +185,7 @@ class ModelRunner:
             rows["frequency"][i] = p.frequency_penalty
             rows["repetition"][i] = p.repetition_penalty
         st = SamplingTensors(**rows)
-        result, self.kv, self.sampler_state = self._step(
+        result, self.kv, self.sampler_state = step(
             self.params, self.kv, self.sampler_state, ids, positions, meta, logits_idx, st)
         self.num_steps += 1
         return out, result
