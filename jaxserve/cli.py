@@ -129,8 +129,11 @@ def cmd_convert(args) -> int:
 
 def cmd_serve(args) -> int:
     from jaxserve.server.launch import serve
-    if args.mesh not in (None, "", "tp=1", "dp=1"):
-        print(f"error: --mesh {args.mesh}: multi-device meshes are not supported yet", file=sys.stderr)
+    from jaxserve.sharding import parse_mesh
+    sizes = parse_mesh(args.mesh)
+    if sizes["dp"] > 1:
+        print(f"error: --mesh {args.mesh}: data parallelism (dp > 1) is not supported yet; "
+              f"use tp only", file=sys.stderr)
         return 2
     return serve(args)
 
@@ -158,7 +161,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to let in-flight requests finish on SIGTERM")
     p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
     p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=1")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 (tensor parallel over the "
+                   "first tp devices)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--compilation-cache-dir", default="auto")
     p.add_argument("--uvicorn-log-level", default="warning")

@@ -49,11 +49,11 @@ class EngineConfig:
 
 
 def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_num_seqs: int,
-                    kv_itemsize: int) -> int:
+                    kv_itemsize: int, kv_shards: int = 1) -> int:
     """Usable KV pages: explicit, or from free device memory x gpu_memory_utilization."""
     if ec.num_kv_blocks is not None:
         return int(ec.num_kv_blocks)
-    per_block = ec.block_size * lm.config.kv_bytes_per_token(kv_itemsize)
+    per_block = ec.block_size * lm.config.kv_bytes_per_token(kv_itemsize) // kv_shards  # per device
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         sampler = max_num_seqs * lm.config.vocab_size * 10
@@ -95,8 +95,9 @@ class _Group:
 
 
 class EngineCore:
-    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(), mesh=None):
         self.lm = lm
+        self.mesh = mesh
         self.config = config
         self.tokenizer = lm.tokenizer
         cfg = lm.config
@@ -107,7 +108,15 @@ class EngineCore:
         max_tokens = max(max_tokens, max_num_seqs)
         enable_persistent_cache(config.compilation_cache_dir)
         kv_itemsize = np.dtype(lm.dtype).itemsize
-        usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize)
+        tp = 1 if mesh is None else mesh.shape["tp"]
+        kv_shards = tp if cfg.num_kv_heads % tp == 0 else 1   # else the cache is replicated
+        usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize, kv_shards)
+        backend = config.attention_backend
+        if tp > 1:
+            if backend == "pallas":
+                raise ValueError("attention_backend='pallas' does not run under a tp mesh yet; "
+                                 "use 'reference' (or 'auto')")
+            backend = "reference" if backend == "auto" else backend
         self.kv_manager = KVCacheManager(usable + 1, config.block_size,
                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, self.max_model_len,
@@ -115,7 +124,7 @@ class EngineCore:
         self.runner = ModelRunner(lm.model, block_size=config.block_size, num_blocks=usable + 1,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                   max_model_len=self.max_model_len,
-                                  attention_backend=config.attention_backend)
+                                  attention_backend=backend, mesh=mesh)
         self.runner.warmup(progress=config.show_progress)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None

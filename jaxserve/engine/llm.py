@@ -30,20 +30,34 @@ class LLM:
                  enable_prefix_caching: bool = True, attention_backend: str = "auto",
                  mesh: str | None = None, load_format: str = "auto", seed: int = 0,
                  compilation_cache_dir: str | None = "auto", show_progress: bool = True):
-        if mesh not in (None, "", "tp=1", "dp=1"):
-            raise NotImplementedError(f"mesh={mesh!r}: multi-device meshes are not supported yet; "
-                                      f"run on one device (mesh=None)")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         from jaxserve.loading import LoadedModel
+        from jaxserve.sharding import make_mesh, param_sharding, parse_mesh  # noqa: F401
+
+        sizes = parse_mesh(mesh)
+        self.mesh = None
+        if sizes["dp"] > 1:
+            raise NotImplementedError(f"mesh={mesh!r}: data parallelism (dp > 1) is not supported "
+                                      f"yet; use tp only")
+        if sizes["tp"] > 1:
+            import jax
+            self.mesh = make_mesh(mesh, jax.devices()[: sizes["tp"]])
+        shardings = param_sharding(self.mesh) if self.mesh is not None else None
         self.loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, dtype=dtype, load_format=load_format, seed=seed)
+            model, dtype=dtype, load_format=load_format, seed=seed, shardings=shardings)
+        if isinstance(model, LoadedModel) and self.mesh is not None:
+            import dataclasses
+
+            from jaxserve.sharding import shard_model
+            self.loaded = dataclasses.replace(model, model=shard_model(model.model, self.mesh))
         self.engine = EngineCore(self.loaded, EngineConfig(
             max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-            seed=seed, compilation_cache_dir=compilation_cache_dir, show_progress=show_progress))
+            seed=seed, compilation_cache_dir=compilation_cache_dir, show_progress=show_progress),
+            mesh=self.mesh)
         self.show_progress = show_progress
         self._ids = itertools.count()
 

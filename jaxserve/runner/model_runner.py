@@ -44,15 +44,20 @@ def _seed32(seed: int) -> int:
 class ModelRunner:
     def __init__(self, model: CausalLM, *, block_size: int, num_blocks: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 attention_backend: str | AttentionBackend = "auto", kv_dtype=None):
+                 attention_backend: str | AttentionBackend = "auto", kv_dtype=None, mesh=None):
         self.cfg: ModelConfig = model.config
         self.graphdef, self.params = nnx.split(model)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_dtype = kv_dtype or jax.tree.leaves(self.params)[0].dtype
-        self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype)
-        self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size)
+        kv_sharding = rep = None
+        if mesh is not None:
+            from jaxserve.sharding import kv_cache_sharding, replicated
+            kv_sharding = kv_cache_sharding(mesh, self.cfg.num_kv_heads)
+            rep = replicated(mesh)
+        self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
+        self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
         self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)

@@ -106,15 +106,20 @@ def serve(args) -> int:
 
     def load() -> None:
         try:
+            import jax
+
+            from jaxserve.sharding import make_mesh, param_sharding, parse_mesh
+            sizes = parse_mesh(args.mesh)
+            mesh = make_mesh(args.mesh, jax.devices()[: sizes["tp"]]) if sizes["tp"] > 1 else None
             lm = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                            progress=True)
+                            progress=True, shardings=param_sharding(mesh) if mesh is not None else None)
             core = EngineCore(lm, EngineConfig(
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                 attention_backend=args.attention_backend,
-                compilation_cache_dir=args.compilation_cache_dir))
+                compilation_cache_dir=args.compilation_cache_dir), mesh=mesh)
             state.engine = AsyncEngine(core)
             print(_banner(args.host, args.port, names[0], api_key), file=sys.stderr, flush=True)
         except BaseException as e:

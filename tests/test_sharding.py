@@ -1,0 +1,65 @@
+"""Mesh parsing, the sharding rules, and tensor-parallel greedy decoding on 4 forced CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxserve.sharding import MeshError, parse_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_mesh():
+    assert parse_mesh(None) == {"dp": 1, "tp": 1}
+    assert parse_mesh("tp=2") == {"dp": 1, "tp": 2}
+    assert parse_mesh("dp=2,tp=4") == {"dp": 2, "tp": 4}
+    for bad in ("tp", "pp=2", "tp=0", "tp=x"):
+        with pytest.raises(MeshError):
+            parse_mesh(bad)
+
+
+def test_mesh_size_must_match_devices():
+    import jax
+    from jaxserve.sharding import make_mesh
+    with pytest.raises(MeshError, match="needs 8 devices"):
+        make_mesh("dp=2,tp=4", jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "tp_greedy.py"), ROOT],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[7:])
+
+
+@pytest.mark.parametrize("family", ["llama_kv2", "qwen2_kv1"])
+def test_tensor_parallel_greedy_equals_single_device(tp_results, family):
+    base = tp_results[f"{family}/None"]["tokens"]
+    assert all(len(t) == 12 for t in base)
+    for mesh in ("tp=2", "tp=4"):
+        r = tp_results[f"{family}/{mesh}"]
+        assert r["tokens"] == base, mesh
+        assert r["compiles_after_warmup"] == 0
+        assert "'tp'" in r["wq_spec"]  # q heads are split over tp
+
+
+def test_kv_heads_split_when_divisible_else_replicated(tp_results):
+    assert "'tp'" in tp_results["llama_kv2/tp=2"]["kv_spec"]        # K=2 over tp=2
+    assert "'tp'" not in tp_results["llama_kv2/tp=4"]["kv_spec"]    # K=2 < tp=4: replicated
+    assert "'tp'" not in tp_results["qwen2_kv1/tp=2"]["kv_spec"]
+
+
+def test_rules_table():
+    import jax
+    from jaxserve.sharding import spec_for
+    from jax.sharding import Mesh
+    import numpy as np
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("dp", "tp"))
+    assert spec_for(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == P(None, "tp", None)
