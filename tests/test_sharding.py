@@ -50,6 +50,12 @@ def test_tensor_parallel_greedy_equals_single_device(tp_results, family):
         assert "'tp'" in r["wq_spec"]  # q heads are split over tp
 
 
+def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
+    r = tp_results["llama_kv2/tp=2/pallas"]
+    assert r["tokens"] == tp_results["llama_kv2/None"]["tokens"]
+    assert r["compiles_after_warmup"] == 0
+
+
 def test_kv_heads_split_when_divisible_else_replicated(tp_results):
     assert "'tp'" in tp_results["llama_kv2/tp=2"]["kv_spec"]        # K=2 over tp=2
     assert "'tp'" not in tp_results["llama_kv2/tp=4"]["kv_spec"]    # K=2 < tp=4: replicated

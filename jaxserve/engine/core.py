@@ -113,10 +113,17 @@ class EngineCore:
         usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize, kv_shards)
         backend = config.attention_backend
         if tp > 1:
+            from jaxserve.attention import PallasBackend, get_backend
+            splittable = cfg.num_kv_heads % tp == 0 and cfg.num_heads % tp == 0
+            if backend == "auto":
+                backend = "pallas" if jax.default_backend() == "gpu" and splittable else "reference"
             if backend == "pallas":
-                raise ValueError("attention_backend='pallas' does not run under a tp mesh yet; "
-                                 "use 'reference' (or 'auto')")
-            backend = "reference" if backend == "auto" else backend
+                if not splittable:
+                    raise ValueError(f"attention_backend='pallas' under tp={tp} needs the kv heads "
+                                     f"({cfg.num_kv_heads}) split evenly over tp; use 'reference'")
+                backend = PallasBackend(mesh=mesh)
+            else:
+                backend = get_backend(backend)
         self.kv_manager = KVCacheManager(usable + 1, config.block_size,
                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, self.max_model_len,

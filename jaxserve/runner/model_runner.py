@@ -23,7 +23,8 @@ from jaxserve.config import ModelConfig
 from jaxserve.kv_cache.cache import allocate_kv_cache
 from jaxserve.models.layers import CausalLM
 from jaxserve.runner.compile import CompileCounter
-from jaxserve.sampling.sampler import SamplingTensors, init_sampler_state, sample, set_slot
+from jaxserve.sampling.sampler import (SamplingTensors, _set_slot, init_sampler_state, sample,
+                                       set_slot)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
@@ -56,8 +57,11 @@ class ModelRunner:
             from jaxserve.sharding import kv_cache_sharding, replicated
             kv_sharding = kv_cache_sharding(mesh, self.cfg.num_kv_heads)
             rep = replicated(mesh)
+        self._kv_sharding, self._replicated = kv_sharding, rep
         self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
         self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
+        self._set_slot = set_slot if rep is None else jax.jit(_set_slot, donate_argnums=(0,),
+                                                              out_shardings=rep)
         self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)
@@ -86,6 +90,11 @@ class ModelRunner:
         hidden, kv = model(input_ids, positions, kv, meta, backend)
         logits = model.compute_logits(hidden[logits_indices])
         tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st)
+        if self._kv_sharding is not None:
+            # NOTE: pin the donated state's layout so every step variant hands the next call (and
+            # set_slot) arrays with the same shardings: no recompiles after warm-up.
+            kv = jax.lax.with_sharding_constraint(kv, [(self._kv_sharding,) * 2 for _ in kv])
+            sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
         return (tokens, lp, top_ids, top_lp), kv, sstate
 
     def lower(self, num_tokens: int, num_seqs: int):
@@ -111,8 +120,14 @@ class ModelRunner:
             out, self.kv, self.sampler_state = fn(self.params, self.kv, self.sampler_state,
                                                   *self._padding_inputs(t, s))
             jax.block_until_ready(out)
+        # NOTE: a second pass only executes, unless the first pass changed JAX's tracing context
+        # (the first run of a shard_map'd kernel can); then the recompiles happen here, not later.
+        for fn, t, s in work:
+            out, self.kv, self.sampler_state = fn(self.params, self.kv, self.sampler_state,
+                                                  *self._padding_inputs(t, s))
+        jax.block_until_ready(out)
         empty = np.zeros(self.cfg.vocab_size, np.int32)
-        self.sampler_state = set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
+        self.sampler_state = self._set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
                                       empty.astype(np.float32), empty.astype(bool))
         jax.block_until_ready(self.sampler_state)
         self.compile_counter.mark_warm()
@@ -132,7 +147,7 @@ class ModelRunner:
         stop = np.zeros(v, bool)
         stop_ids = [t for t in list(ns.eos_token_ids) + list(ns.params.stop_token_ids) if 0 <= t < v]
         stop[stop_ids] = True
-        self.sampler_state = set_slot(self.sampler_state, np.int32(slot), counts, prompt, bias, stop)
+        self.sampler_state = self._set_slot(self.sampler_state, np.int32(slot), counts, prompt, bias, stop)
         self._slot[ns.request_id] = slot
         self._seed[ns.request_id] = _seed32(ns.seed)
         self._sampling[ns.request_id] = ns.params
