@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--mesh", default=None, help="e.g. tp=2")
+    ap.add_argument("--no-step-time", action="store_true")
     ap.add_argument("--compare-overlap", action="store_true",
                     help="also run with overlapped output processing off, in the same run")
     ap.add_argument("--json", default=None)
@@ -58,7 +60,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_backend=args.attention_backend, compilation_cache_dir=None)
+              attention_backend=args.attention_backend, compilation_cache_dir=None, mesh=args.mesh)
     startup = time.perf_counter() - t0
     cfg = llm.loaded.config
     weight_bytes = cfg.num_params() * 2
@@ -86,8 +88,8 @@ def main() -> None:
         rows.append(row)
     step_times = {}
     runner = llm.engine.runner
-    variants = [("general", runner._step)] + ([("decode", runner._step_decode)]
-                                              if runner._step_decode is not None else [])
+    variants = [] if args.no_step_time else [("general", runner._step)] + (
+        [("decode", runner._step_decode)] if runner._step_decode is not None else [])
     for label, fn in variants:
         for b in args.batches:
             if (b, b) not in runner.buckets and (b, b) not in runner.decode_buckets:
@@ -105,6 +107,7 @@ def main() -> None:
     stats = llm.get_stats()
     print("device step time (back-to-back, no host work): "
           + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in step_times.items()))
+    print(f"mesh: {args.mesh or 'single device'}; ", end="")
     print(f"device: {jax.devices()[0].device_kind}; read ceiling {ceiling:.2f} TB/s; "
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
