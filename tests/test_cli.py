@@ -22,3 +22,29 @@ def test_readme_test_command_is_what_ci_runs():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     ci_cmd = [line for line in ci.splitlines() if line.startswith("scripts/setup.sh")][0]
     assert ci_cmd in readme
+
+
+def test_interactive_chat_keeps_the_conversation():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxserve.cli", "chat", "--max-tokens", "30"],
+                          input="What is the capital of France?\nAnd of Italy?\n\n",
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    replies = [line for line in proc.stdout.split("> ") if line.strip()]
+    assert "Paris" in replies[0] and "Rome" in replies[1]
+
+
+def test_config_file_sets_flags(tmp_path):
+    from jaxserve.cli import _apply_config_file, build_parser
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-num-seqs: 3\nport: 9001\n")
+    parser = build_parser()
+    argv = ["serve", "--config", str(cfg), "--port", "9002"]
+    _apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    assert args.max_num_seqs == 3 and args.port == 9002   # the command line wins
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no-such-flag: 1\n")
+    import pytest
+    with pytest.raises(ValueError, match="no-such-flag"):
+        _apply_config_file(build_parser(), ["serve", "--config", str(bad)])
