@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import jax
-import jax.numpy as jnp
 
 from jaxserve.attention.metadata import AttentionMetadata, AttentionSpec, build_metadata
 from jaxserve.attention.reference import (paged_attention_blockwise, paged_attention_reference,

@@ -17,13 +17,13 @@ from typing import Any, Sequence
 
 from jaxserve.engine.core import EngineConfig, EngineCore
 from jaxserve.engine.outputs import RequestOutput
-from jaxserve.loading import load_model
+from jaxserve.loading import LoadedModel, load_model
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.tokenizer import encode_chat
 
 
 class LLM:
-    def __init__(self, model: "str | LoadedModel | None" = None, *, dtype: Any = "auto",
+    def __init__(self, model: str | LoadedModel | None = None, *, dtype: Any = "auto",
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
@@ -32,7 +32,6 @@ class LLM:
                  compilation_cache_dir: str | None = "auto", show_progress: bool = True):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        from jaxserve.loading import LoadedModel
         from jaxserve.sharding import make_mesh, param_sharding, parse_mesh  # noqa: F401
 
         sizes = parse_mesh(mesh)

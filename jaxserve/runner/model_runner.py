@@ -14,7 +14,6 @@ import sys
 from typing import Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
