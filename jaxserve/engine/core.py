@@ -12,6 +12,7 @@ checked here on the incrementally detokenized text.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -63,6 +64,22 @@ def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_n
     # CPU: no memory stats; enough for every sequence at full length, capped at 2 GiB
     tokens = min(max_num_seqs * max_model_len, (2 << 30) // lm.config.kv_bytes_per_token(kv_itemsize))
     return -(-max(tokens, max_model_len) // ec.block_size)
+
+
+def memory_summary(lm: LoadedModel, usable_blocks: int, block_size: int, kv_itemsize: int, tp: int,
+                   kv_shards: int, max_model_len: int, max_num_seqs: int) -> str:
+    """The start-up memory arithmetic (docs/scaling.md walks through it)."""
+    cfg = lm.config
+    gib = 1 << 30
+    w_bytes = cfg.num_params() * np.dtype(lm.dtype).itemsize
+    kv_tok = cfg.kv_bytes_per_token(kv_itemsize)
+    tokens = usable_blocks * block_size
+    return (f"memory: weights {w_bytes / gib:.2f} GiB total, ~{w_bytes / tp / gib:.2f} GiB per device "
+            f"(tp={tp}); KV cache {kv_tok / 1024:.0f} KiB per token ({cfg.num_layers} layers x 2 x "
+            f"{cfg.num_kv_heads} kv heads x {cfg.head_dim} x {kv_itemsize} B), {usable_blocks} pages x "
+            f"{block_size} tokens = {tokens} tokens = {tokens * kv_tok / kv_shards / gib:.2f} GiB per "
+            f"device (kv heads split {kv_shards} ways); {tokens / max_model_len:.1f} sequences of "
+            f"max_model_len={max_model_len} fit (max_num_seqs={max_num_seqs})")
 
 
 @dataclasses.dataclass
@@ -132,6 +149,9 @@ class EngineCore:
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
                                   max_model_len=self.max_model_len,
                                   attention_backend=backend, mesh=mesh)
+        if config.show_progress:
+            print(memory_summary(lm, usable, config.block_size, kv_itemsize, tp, kv_shards,
+                                 self.max_model_len, max_num_seqs), file=sys.stderr, flush=True)
         self.runner.warmup(progress=config.show_progress)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
