@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -85,7 +86,7 @@ async def create_chat_completion(request: Request) -> Response:
             state.release()
         return as_api_error(e).response()
 
-    rid = f"chatcmpl-{int(time.time() * 1000):x}"
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     prompt_tokens = len(prepared[0][1])
 

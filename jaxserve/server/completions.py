@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -57,7 +58,7 @@ async def create_completion(request: Request) -> Response:
         return as_api_error(e).response()
 
     tok = engine.tokenizer
-    rid = f"cmpl-{int(time.time() * 1000):x}"
+    rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     n = params.n
 
