@@ -159,9 +159,6 @@ class ModelRunner:
         self._sampling.pop(request_id, None)
 
     # -- one step -------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> dict[str, Sampled]:
-        return self.fetch(self.dispatch(out))
-
     def dispatch(self, out: SchedulerOutput):
         """Enqueue the step on the device and return at once (JAX dispatch is asynchronous)."""
         for rid in out.released_ids:

@@ -20,7 +20,7 @@ from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
-                                     run_merged, sse, until_disconnected, usage)
+                                     run_merged, run_to_completion, sse, usage)
 from jaxserve.tokenizer import encode_chat
 
 
@@ -91,19 +91,10 @@ async def create_chat_completion(request: Request) -> Response:
     prompt_tokens = len(prepared[0][1])
 
     if not stream:
-        async def collect():
-            final = None
-            async for _, out in run_merged(state, engine, prepared, params, "chat"):
-                if out.finished:
-                    final = out
-            return final
-
         try:
-            final = await until_disconnected(request, collect())
+            _, final = (await run_to_completion(request, state, engine, prepared, params, "chat"))[0]
         except Exception as e:
             return as_api_error(e).response()
-        finally:
-            state.release()
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o, 0, k) if k is not None else None,
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}

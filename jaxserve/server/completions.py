@@ -14,7 +14,7 @@ from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
-                                     run_merged, sse, until_disconnected, usage)
+                                     run_merged, run_to_completion, sse, usage)
 
 
 def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset0: int) -> dict:
@@ -66,19 +66,10 @@ async def create_completion(request: Request) -> Response:
         return tr.prompt_text if tr.prompt_text is not None else tok.decode(tr.prompt_ids)
 
     if not stream:
-        async def collect():
-            finals = {}
-            async for tr, out in run_merged(state, engine, prepared, params, "cmpl"):
-                if out.finished:
-                    finals[tr.prompt_index] = (tr, out)
-            return finals
-
         try:
-            finals = await until_disconnected(request, collect())
+            finals = await run_to_completion(request, state, engine, prepared, params, "cmpl")
         except Exception as e:
             return as_api_error(e).response()
-        finally:
-            state.release()
         choices, completion_tokens = [], 0
         for p in range(len(prepared)):
             tr, out = finals[p]

@@ -172,6 +172,24 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def run_to_completion(request: Request, state: ServerState, engine: AsyncEngine,
+                            prepared: list[tuple[str | None, list[int]]], params: SamplingParams,
+                            prefix: str) -> dict[int, tuple[Tracked, RequestOutput]]:
+    """Non-streaming: every prompt's final output, keyed by prompt index. Aborts everything if
+    the client disconnects first. Releases the request's admission slot in all cases."""
+    async def collect():
+        finals = {}
+        async for tr, out in run_merged(state, engine, prepared, params, prefix):
+            if out.finished:
+                finals[tr.prompt_index] = (tr, out)
+        return finals
+
+    try:
+        return await until_disconnected(request, collect())
+    finally:
+        state.release()
+
+
 async def until_disconnected(request: Request, coro):
     """Await `coro`, but cancel it (aborting its requests) if the client disconnects first."""
     task = asyncio.ensure_future(coro)
