@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--mesh", default=None, help="e.g. tp=2")
     ap.add_argument("--no-step-time", action="store_true")
-    ap.add_argument("--compare-overlap", action="store_true",
-                    help="also run with overlapped output processing off, in the same run")
+    ap.add_argument("--compare-async", action="store_true",
+                    help="also run with async scheduling off (the synchronous loop), in the same run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -66,10 +66,10 @@ def main() -> None:
     weight_bytes = cfg.num_params() * 2
     rng = np.random.default_rng(0)
     rows = []
-    modes = [True, False] if args.compare_overlap else [True]
+    modes = [True, False] if args.compare_async else [True]
     import dataclasses
-    for overlap, b in [(o, b) for o in modes for b in args.batches]:
-        llm.engine.config = dataclasses.replace(llm.engine.config, overlap_output_processing=overlap)
+    for async_on, b in [(o, b) for o in modes for b in args.batches]:
+        llm.engine.config = dataclasses.replace(llm.engine.config, async_scheduling=async_on)
         prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}
                    for _ in range(b)]
         sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -80,7 +80,7 @@ def main() -> None:
             llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
-        row = {"batch": b, "overlap": overlap, "seconds": med, "output_tok_s": b * args.output_len / med}
+        row = {"batch": b, "async": async_on, "seconds": med, "output_tok_s": b * args.output_len / med}
         if b == 1:
             roofline = ceiling * 1e12 / weight_bytes
             row["roofline_tok_s"] = roofline
@@ -94,13 +94,15 @@ def main() -> None:
         for b in args.batches:
             if (b, b) not in runner.buckets and (b, b) not in runner.decode_buckets:
                 continue
-            inputs = runner._padding_inputs(b, b)
+            ids, pos, meta, idx, st = runner._padding_inputs(b, b)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 for _ in range(20):  # device time of one padded step, dispatched back to back
-                    res, runner.kv, runner.sampler_state = fn(runner.params, runner.kv,
-                                                              runner.sampler_state, *inputs)
+                    logits, runner.kv = fn(runner.params, runner.kv, ids, pos, meta, idx,
+                                           runner.sampler_state.last_token, np.full(b, -1, np.int32))
+                    res, runner.sampler_state = runner._sample["greedy"](
+                        logits, runner.sampler_state, st)
                 jax.block_until_ready(res)
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
@@ -112,10 +114,10 @@ def main() -> None:
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
           f"{stats['compiles_after_warmup']}")
-    print(f"{'batch':>6} {'overlap':>8} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
+    print(f"{'batch':>6} {'async':>8} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
     for r in rows:
         pct = f"{r['pct_of_roofline']:.1f}" if "pct_of_roofline" in r else "-"
-        print(f"{r['batch']:>6} {str(r['overlap']):>8} {r['seconds']:>9.3f} {r['output_tok_s']:>10.1f} {pct:>10}")
+        print(f"{r['batch']:>6} {str(r['async']):>8} {r['seconds']:>9.3f} {r['output_tok_s']:>10.1f} {pct:>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "ceiling_tbs": ceiling,

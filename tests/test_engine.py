@@ -198,7 +198,31 @@ def test_kv_cache_is_donated_not_copied(llm):
     header = hlo.splitlines()[0]
     assert "input_output_alias" in header
     n_alias = header.count("may-alias") + header.count("must-alias")
-    assert n_alias >= 2 * len(runner.kv) + 4  # k and v of every layer + the 4 sampler-state arrays
+    assert n_alias >= 2 * len(runner.kv)  # k and v of every layer
     # ... and no instruction copies a whole cache array
     shape = rf"f32\[{p},{b},{k},{h}\]"
     assert not re.search(shape + r"[^\n]*\bcopy\(", hlo), "a full KV cache copy appears in the HLO"
+    # the sampler updates its 4 per-slot state arrays in place, in every mode
+    for mode in ("greedy", "random", "full"):
+        header = runner.lower_sampler(s, mode).compile().as_text().splitlines()[0]
+        assert header.count("may-alias") + header.count("must-alias") >= 4, mode
+
+
+def test_sampler_mode_is_the_cheapest_that_serves_every_row():
+    from jaxserve.sampling.sampler import sampler_mode
+    assert sampler_mode([(0.0, 0, 1.0, False)] * 3) == "greedy"
+    assert sampler_mode([(0.0, 0, 1.0, False), (0.8, 0, 1.0, False)]) == "random"
+    assert sampler_mode([(0.0, 50, 0.5, False)]) == "greedy"   # greedy ignores top-k/top-p
+    assert sampler_mode([(0.8, 0, 1.0, False), (1.0, 0, 0.9, False)]) == "full"
+    assert sampler_mode([(0.8, 40, 1.0, False)]) == "full"
+    assert sampler_mode([(0.0, 0, 1.0, True)]) == "full"       # logprobs need the top-20
+
+
+def test_sampler_has_no_device_branches(llm):
+    # a conditional would make the GPU read its predicate back to the host every step. (The CPU
+    # lowering of the threefry PRNG is a loop; on the GPU it is one kernel.)
+    runner = llm.engine.runner
+    for mode in ("greedy", "random", "full"):
+        hlo = runner.lower_sampler(runner.sample_sizes[-1], mode).as_text()
+        assert "stablehlo.case" not in hlo and "conditional" not in hlo, mode
+    assert "while" not in runner.lower_sampler(runner.sample_sizes[-1], "greedy").as_text()

@@ -54,7 +54,7 @@ def test_string_prompt_and_logprobs_decode(llm):
     assert first[tok].decoded_token == llm.tokenizer.decode([tok])
 
 
-def test_overlapped_output_processing_changes_nothing(llm):
+def test_async_scheduling_changes_nothing(llm):
     import dataclasses
 
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
@@ -64,9 +64,9 @@ def test_overlapped_output_processing_changes_nothing(llm):
     eng = llm.engine
     results = {}
     for overlap in (True, False):
-        eng.config = dataclasses.replace(eng.config, overlap_output_processing=overlap)
+        eng.config = dataclasses.replace(eng.config, async_scheduling=overlap)
         results[overlap] = [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
                             for o in llm.chat(msgs, sp)]
-    eng.config = dataclasses.replace(eng.config, overlap_output_processing=True)
+    eng.config = dataclasses.replace(eng.config, async_scheduling=True)
     assert results[True] == results[False]
     assert results[True][0][2] == "stop" and results[True][1][2] == "stop"

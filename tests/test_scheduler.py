@@ -80,7 +80,7 @@ def test_preempts_newest_and_recomputes():
         run_step(s)
     out = s.schedule()
     (seq,) = [q for q in out.seqs if q.request_id == "new"]
-    assert seq.num_computed_tokens == 0 and seq.token_ids == new.all_token_ids and seq.sample
+    assert seq.num_computed_tokens == 0 and seq.token_ids == new.known_token_ids and seq.sample
     assert [n.request_id for n in out.new_seqs] == ["new"]
     assert out.new_seqs[0].output_token_ids == generated_before
 
@@ -199,3 +199,68 @@ def test_buckets():
             assert bt >= t and bs >= n and (bt, bs) in b
     with pytest.raises(ValueError):
         make_buckets(8, 16)
+
+
+# -- async scheduling: the next step is scheduled before this one's tokens are back ----------------
+
+def test_async_decode_feeds_a_placeholder_resolved_in_order():
+    from jaxserve.scheduler.request import PLACEHOLDER
+    s = make()
+    r = req("a", 5, max_tokens=8)
+    s.add_request(r)
+    first = s.schedule()                         # prefill, samples token 1
+    second = s.schedule()                        # scheduled before token 1 is known
+    (q,) = second.seqs
+    assert q.token_ids == [PLACEHOLDER] and q.num_computed_tokens == 5 and q.sample
+    assert q.num_generated == 1                  # seeds fold in the same count as a sync loop
+    s.update_from_output(first, {"a": 11})
+    assert r.all_token_ids[-2:] == [11, PLACEHOLDER]
+    s.update_from_output(second, {"a": 12})
+    assert r.output_token_ids == [11, 12] and r.num_placeholders == 0
+    assert r.num_computed_tokens == 6            # token 12 is fed by the next step
+
+
+def test_async_stop_drops_the_extra_token_and_frees_blocks():
+    s = make()
+    s.add_request(req("a", 5, max_tokens=8))
+    first = s.schedule()
+    second = s.schedule()
+    s.update_from_output(first, {"a": 999})      # EOS: finished while `second` is in flight
+    assert "a" not in s.requests and s.kv.num_free_blocks == s.kv.num_total_blocks
+    assert s.update_from_output(second, {"a": 5}) == []   # its token is dropped
+    assert not s.has_work() or s.schedule().seqs == []
+
+
+def test_async_never_schedules_past_max_tokens():
+    s = make()
+    s.add_request(req("a", 5, max_tokens=2))
+    outs = [s.schedule() for _ in range(4)]
+    assert [len(o.seqs) for o in outs] == [1, 1, 0, 0]   # the 2nd token is in flight: stop there
+    s.update_from_output(outs[0], {"a": 1})
+    s.update_from_output(outs[1], {"a": 2})
+    assert "a" not in s.requests and s.kv.num_free_blocks == s.kv.num_total_blocks
+
+
+def test_placeholder_blocks_are_not_hashed_until_known():
+    s = make(block_size=4)
+    s.add_request(req("a", 3, max_tokens=8))     # token 4 (a placeholder) completes block 0
+    first = s.schedule()
+    s.schedule()                                 # feeds the placeholder at position 3
+    assert s.kv._num_cached.get("a", 0) == 0     # block 0 holds an unknown token: not cached
+    s.update_from_output(first, {"a": 42})
+    s.schedule()
+    assert s.kv._num_cached["a"] == 1            # hashed once known
+    assert s.kv._hashes["a"][0] == hash_full_blocks([0, 1, 2, 42], 4)[0]
+
+
+def test_preempted_request_waits_for_its_token_in_flight():
+    s = make(num_blocks=5, block_size=4, budget=64)   # 4 usable blocks
+    s.add_request(req("a", 8, max_tokens=30))
+    s.add_request(req("b", 8, max_tokens=30))
+    first = s.schedule()                         # both prefill (2 blocks each), both sample
+    second = s.schedule()                        # decodes need a 3rd block each: b is preempted
+    assert [q.request_id for q in second.seqs] == ["a"] and s.requests["b"].num_placeholders == 1
+    third = s.schedule()                         # b may not be readmitted: its token is unknown
+    assert "b" not in [q.request_id for q in third.seqs]
+    s.update_from_output(first, {"a": 1, "b": 2})
+    assert s.requests["b"].output_token_ids == [2] and s.requests["b"].num_placeholders == 0

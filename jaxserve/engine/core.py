@@ -43,10 +43,11 @@ class EngineConfig:
     seed: int = 0
     compilation_cache_dir: str | None = "auto"
     show_progress: bool = True
-    # Process step N's outputs (detokenize, stop strings, RequestOutputs) on the host while the
-    # device runs step N+1. Stop strings then end a request one step later (its extra token is
-    # dropped) and every update reaches the caller one step later.
-    overlap_output_processing: bool = True
+    # Schedule and dispatch step N+1 before waiting for step N's tokens (decodes feed placeholders
+    # the device fills in), then process step N's outputs (detokenize, stop strings,
+    # RequestOutputs) while the device runs step N+1. The host never leaves the device idle; a
+    # request that stopped in step N has its extra token in step N+1 dropped.
+    async_scheduling: bool = True
 
 
 def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_num_seqs: int,
@@ -160,6 +161,7 @@ class EngineCore:
         self._groups: dict[str, _Group] = {}
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
         self._pending: tuple[list, dict, float] | None = None   # step outputs not yet processed
+        self._inflight = None   # (SchedulerOutput, handle) of the dispatched, unfetched step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
@@ -246,25 +248,30 @@ class EngineCore:
         out = self.scheduler.schedule()
         handle = None
         if not out.is_empty or out.released_ids:
-            handle = self.runner.dispatch(out)           # the device starts on step N
-        results = []
-        if self.config.overlap_output_processing:
-            results = self._process_pending()           # host: outputs of step N-1, meanwhile
-        if handle is not None or out.seqs:
-            sampled = self.runner.fetch(handle)
-            events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
-            now = time.monotonic()
-            for ns in out.new_seqs:
-                entry = self._sample_of.get(ns.request_id)
-                if entry is not None and entry[0].scheduled_time is None:
-                    entry[0].scheduled_time = now
-            self._pending = (events, sampled, now)
-        if not self.config.overlap_output_processing:
-            results = self._process_pending()
-        return results
+            handle = self.runner.dispatch(out)           # the device starts on this step
+        current = (out, handle) if out.seqs else None
+        if not self.config.async_scheduling:
+            return self._complete(current)
+        previous, self._inflight = self._inflight, current
+        return self._complete(previous)                  # the step before, while this one runs
+
+    def _complete(self, entry) -> list[RequestOutput]:
+        """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs."""
+        if entry is None:
+            return []
+        out, handle = entry
+        sampled = self.runner.fetch(handle)
+        events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
+        now = time.monotonic()
+        for ns in out.new_seqs:
+            group_sample = self._sample_of.get(ns.request_id)
+            if group_sample is not None and group_sample[0].scheduled_time is None:
+                group_sample[0].scheduled_time = now
+        self._pending = (events, sampled, now)
+        return self._process_pending()
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or self._pending is not None
+        return bool(self._groups) or self._pending is not None or self._inflight is not None
 
     def _process_pending(self) -> list[RequestOutput]:
         if self._pending is None:

@@ -1,9 +1,12 @@
-"""The model runner: SchedulerOutput -> numpy int32 metadata -> one jitted step -> sampled tokens.
+"""The model runner: SchedulerOutput -> numpy int32 metadata -> two jitted calls -> sampled tokens.
 
-One compiled executable per step bucket (T tokens, S sequences), all compiled in `warmup()`. The
-step does forward + KV write + logits at the S sampling rows + sampling, with the KV cache and the
-sampler state donated (updated in place). Per-request sampling state lives in device "slots"
-(`jaxserve/sampling/sampler.py`); the runner maps request ids to slots.
+A step is two executables dispatched back to back, all compiled in `warmup()`:
+  * the forward, one per bucket (T tokens, S sequences), plus decode-only buckets when the attention
+    backend has a decode kernel: forward + KV write + logits at the S sampling rows, KV cache donated;
+  * the sampler, one per (S, mode): the host picks the cheapest mode that serves every row
+    ("greedy", "random", "full"; see `sampler_mode`), sampler state donated.
+Both are enqueued without waiting, so the host never blocks inside a step. Per-request sampling
+state lives in device "slots" (`jaxserve/sampling/sampler.py`); the runner maps request ids to slots.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -22,11 +26,12 @@ from jaxserve.config import ModelConfig
 from jaxserve.kv_cache.cache import allocate_kv_cache
 from jaxserve.models.layers import CausalLM
 from jaxserve.runner.compile import CompileCounter
-from jaxserve.sampling.sampler import (SamplingTensors, _set_slot, init_sampler_state, sample,
-                                       set_slot)
+from jaxserve.sampling.sampler import (SAMPLER_MODES, SamplingTensors, _set_slot,
+                                       init_sampler_state, sample, sampler_mode, set_slot)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
+from jaxserve.scheduler.request import PLACEHOLDER
 
 
 @dataclasses.dataclass
@@ -35,6 +40,10 @@ class Sampled:
     logprob: float
     top_ids: np.ndarray      # [K] int32, best first
     top_logprobs: np.ndarray  # [K] float32
+
+
+def _no_src(num_tokens: int) -> np.ndarray:
+    return np.full(num_tokens, -1, np.int32)
 
 
 def _seed32(seed: int) -> int:
@@ -64,17 +73,23 @@ class ModelRunner:
         self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)
-        self._step = jax.jit(functools.partial(self._step_fn, backend=self.backend),
-                             donate_argnums=(1, 2))
-        # A decode-only variant of the step (every sequence feeds one token: T == S), when the
+        self._step = jax.jit(functools.partial(self._forward_fn, backend=self.backend),
+                             donate_argnums=(1,))
+        # A decode-only variant of the forward (every sequence feeds one token: T == S), when the
         # backend has a specialised kernel for it; its buckets are the sequence-count buckets.
         decode_backend = getattr(self.backend, "decode_variant", lambda: None)()
         self._step_decode = None
         self.decode_buckets: list[tuple[int, int]] = []
         if decode_backend is not None:
-            self._step_decode = jax.jit(functools.partial(self._step_fn, backend=decode_backend),
-                                        donate_argnums=(1, 2))
+            self._step_decode = jax.jit(functools.partial(self._forward_fn, backend=decode_backend),
+                                        donate_argnums=(1,))
             self.decode_buckets = sorted({(s, s) for _, s in self.buckets})
+        # NOTE: sampling is its own executable per (rows, mode): the host picks the cheapest mode
+        # for the batch, so the forward holds no data-dependent branch (an XLA conditional on the
+        # GPU reads its predicate back to the host and stalls the launch queue every step).
+        self._sample = {m: jax.jit(functools.partial(self._sample_fn, mode=m), donate_argnums=(1,))
+                        for m in SAMPLER_MODES}
+        self.sample_sizes = sorted({s for _, s in self.buckets} | {s for _, s in self.decode_buckets})
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         self._seed: dict[str, int] = {}
@@ -83,23 +98,36 @@ class ModelRunner:
         self.num_steps = 0
 
     # -- the jitted step ------------------------------------------------------------------------
-    def _step_fn(self, params, kv, sstate, input_ids, positions, meta: AttentionMetadata,
-                 logits_indices, st: SamplingTensors, *, backend: AttentionBackend):
+    def _forward_fn(self, params, kv, input_ids, positions, meta: AttentionMetadata, logits_indices,
+                    last_token, src_slot, *, backend: AttentionBackend):
+        # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
+        input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
         model = nnx.merge(self.graphdef, params)
         hidden, kv = model(input_ids, positions, kv, meta, backend)
         logits = model.compute_logits(hidden[logits_indices])
-        tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st)
         if self._kv_sharding is not None:
-            # NOTE: pin the donated state's layout so every step variant hands the next call (and
-            # set_slot) arrays with the same shardings: no recompiles after warm-up.
+            # NOTE: pin the donated state's layout so every step variant hands the next call
+            # arrays with the same shardings: no recompiles after warm-up.
             kv = jax.lax.with_sharding_constraint(kv, [(self._kv_sharding,) * 2 for _ in kv])
+            logits = jax.lax.with_sharding_constraint(logits, self._replicated)
+        return logits, kv
+
+    def _sample_fn(self, logits, sstate, st: SamplingTensors, *, mode: str):
+        tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st, mode)
+        if self._replicated is not None:
             sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
-        return (tokens, lp, top_ids, top_lp), kv, sstate
+        return (tokens, lp, top_ids, top_lp), sstate
 
     def lower(self, num_tokens: int, num_seqs: int):
-        """The lowered step for one bucket (for HLO inspection)."""
-        args = self._padding_inputs(num_tokens, num_seqs)
-        return self._step.lower(self.params, self.kv, self.sampler_state, *args)
+        """The lowered forward for one bucket (for HLO inspection)."""
+        ids, pos, meta, idx, _ = self._padding_inputs(num_tokens, num_seqs)
+        return self._step.lower(self.params, self.kv, ids, pos, meta, idx,
+                                self.sampler_state.last_token, _no_src(num_tokens))
+
+    def lower_sampler(self, num_seqs: int, mode: str = "full"):
+        st = self._padding_inputs(num_seqs, num_seqs)[-1]
+        logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), np.float32)
+        return self._sample[mode].lower(logits, self.sampler_state, st)
 
     def _padding_inputs(self, t: int, s: int):
         meta, pos = build_metadata([], block_size=self.block_size, num_tokens=t, num_seqs=s,
@@ -109,21 +137,32 @@ class ModelRunner:
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket now (padding-only steps write to the null page only)."""
-        work = [(self._step, t, s) for t, s in self.buckets] + [
-            (self._step_decode, t, s) for t, s in self.decode_buckets]
+        work = [("forward", self._step, t, s) for t, s in self.buckets] + [
+            ("forward", self._step_decode, t, s) for t, s in self.decode_buckets] + [
+            ("sample", self._sample[m], s, s) for s in self.sample_sizes for m in SAMPLER_MODES]
         it: Iterable = work
         if progress:
             from tqdm import tqdm
             it = tqdm(work, desc="compiling step buckets", unit="shape", file=sys.stderr)
-        for fn, t, s in it:
-            out, self.kv, self.sampler_state = fn(self.params, self.kv, self.sampler_state,
-                                                  *self._padding_inputs(t, s))
-            jax.block_until_ready(out)
-        # NOTE: a second pass only executes, unless the first pass changed JAX's tracing context
-        # (the first run of a shard_map'd kernel can); then the recompiles happen here, not later.
-        for fn, t, s in work:
-            out, self.kv, self.sampler_state = fn(self.params, self.kv, self.sampler_state,
-                                                  *self._padding_inputs(t, s))
+        for _ in range(2):
+            # NOTE: the second pass only executes, unless the first pass changed JAX's tracing
+            # context (the first run of a shard_map'd kernel can); then the recompiles happen
+            # here, not later.
+            for kind, fn, t, s in it:
+                ids, pos, meta, idx, st = self._padding_inputs(t, s)
+                if kind == "forward":
+                    out, self.kv = fn(self.params, self.kv, ids, pos, meta, idx,
+                                      self.sampler_state.last_token, _no_src(t))
+                else:
+                    # as the forward hands them over: uncommitted on one device, replicated
+                    # over a mesh (another input sharding would compile another executable)
+                    logits = np.zeros((s, self.cfg.vocab_size), np.float32)
+                    if self._replicated is not None:
+                        logits = jax.device_put(logits, self._replicated)
+                    out, self.sampler_state = fn(logits, self.sampler_state, st)
+                if it is not work:
+                    jax.block_until_ready(out)
+            it = work
         jax.block_until_ready(out)
         empty = np.zeros(self.cfg.vocab_size, np.int32)
         self.sampler_state = self._set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
@@ -178,12 +217,16 @@ class ModelRunner:
             block_size=self.block_size, num_tokens=t, num_seqs=s,
             max_blocks_per_seq=self.max_blocks_per_seq)
         ids = np.zeros(t, np.int32)
+        src = _no_src(t)
         rows = SamplingTensors.host(s)
         logits_idx = np.zeros(s, np.int32)
         off = 0
         for i, q in enumerate(out.seqs):
             n = len(q.token_ids)
             ids[off : off + n] = q.token_ids
+            if q.token_ids[-1] == PLACEHOLDER:   # only ever the last token fed
+                ids[off + n - 1] = 0
+                src[off + n - 1] = self._slot[q.request_id]
             off += n
             logits_idx[i] = off - 1
             rid = q.request_id
@@ -201,8 +244,11 @@ class ModelRunner:
             rows["frequency"][i] = p.frequency_penalty
             rows["repetition"][i] = p.repetition_penalty
         st = SamplingTensors(**rows)
-        result, self.kv, self.sampler_state = step(
-            self.params, self.kv, self.sampler_state, ids, positions, meta, logits_idx, st)
+        logits, self.kv = step(self.params, self.kv, ids, positions, meta, logits_idx,
+                               self.sampler_state.last_token, src)
+        mode = sampler_mode([(p.temperature, p.top_k, p.top_p, p.logprobs is not None)
+                             for p in (self._sampling[q.request_id] for q in out.seqs)])
+        result, self.sampler_state = self._sample[mode](logits, self.sampler_state, st)
         self.num_steps += 1
         return out, result
 

@@ -7,6 +7,7 @@ Per-request state that would be too large to send every step lives on the device
     prompt_mask [R, V] bool    tokens of the prompt (the repetition penalty covers prompt + output)
     bias        [R, V] f32     logit_bias
     stop_mask   [R, V] bool    EOS + stop_token_ids, masked out while min_tokens is not reached
+    last_token  [R]    int32   the token each slot sampled last (feeds the next step's placeholder)
 Per step, small [S] arrays carry the scalar parameters of each row.
 
 Order of operations (as vLLM): penalties -> logit bias -> min_tokens mask -> greedy argmax, or
@@ -34,6 +35,7 @@ class SamplerState:
     prompt_mask: jax.Array  # [R, V] bool
     bias: jax.Array         # [R, V] float32
     stop_mask: jax.Array    # [R, V] bool
+    last_token: jax.Array   # [R] int32
 
 
 @jax.tree_util.register_dataclass
@@ -68,13 +70,15 @@ def init_sampler_state(num_slots: int, vocab_size: int, sharding=None) -> Sample
         return SamplerState(jnp.zeros((num_slots, vocab_size), jnp.int32),
                             jnp.zeros((num_slots, vocab_size), bool),
                             jnp.zeros((num_slots, vocab_size), jnp.float32),
-                            jnp.zeros((num_slots, vocab_size), bool))
+                            jnp.zeros((num_slots, vocab_size), bool),
+                            jnp.zeros((num_slots,), jnp.int32))
     return jax.jit(make, out_shardings=sharding)()
 
 
 def _set_slot(state: SamplerState, slot, counts, prompt, bias, stop) -> SamplerState:
     return SamplerState(state.out_counts.at[slot].set(counts), state.prompt_mask.at[slot].set(prompt),
-                        state.bias.at[slot].set(bias), state.stop_mask.at[slot].set(stop))
+                        state.bias.at[slot].set(bias), state.stop_mask.at[slot].set(stop),
+                        state.last_token)
 
 
 set_slot = jax.jit(_set_slot, donate_argnums=(0,))
@@ -105,29 +109,58 @@ def _filter_top_k_top_p(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     return jnp.where((logits >= kth) & (logits >= pth), logits, _NEG)
 
 
-def sample(logits: jax.Array, state: SamplerState, t: SamplingTensors):
+SAMPLER_MODES = ("greedy", "random", "full")
+
+
+def sampler_mode(rows: list[tuple[float, int, float, bool]]) -> str:
+    """The cheapest sampler variant that serves every row: rows are (temperature, top_k, top_p,
+    wants_logprobs). "greedy" draws no noise, "random" adds the Gumbel draw and min-p, "full" adds
+    the top-k/top-p sort and the top-20 logprobs."""
+    mode = "greedy"
+    for temperature, top_k, top_p, wants_logprobs in rows:
+        if wants_logprobs or (temperature > 0 and (top_k > 0 or top_p < 1.0)):
+            return "full"
+        if temperature > 0:
+            mode = "random"
+    return mode
+
+
+def sample(logits: jax.Array, state: SamplerState, t: SamplingTensors, mode: str = "full"):
     """logits [S, V] f32 -> (tokens [S], chosen logprob [S], top ids [S, K], top logprobs [S, K],
-    updated state)."""
+    updated state). `mode` (static, see `sampler_mode`) drops work no row needs: the top-K
+    outputs are zeros unless mode is "full"."""
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"unknown sampler mode {mode!r}")
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     logits = apply_penalties_and_bias(logits, state, t)
-    greedy_tok = jnp.argmax(logits, axis=-1)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    scaled = logits / jnp.maximum(t.temperature, 1e-6)[:, None]
-    needs_sort = jnp.any(((t.top_k > 0) | (t.top_p < 1.0)) & (t.temperature > 0))
-    scaled = jax.lax.cond(needs_sort, lambda x: _filter_top_k_top_p(x, t), lambda x: x, scaled)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    scaled = jnp.where(probs >= t.min_p[:, None] * probs.max(-1, keepdims=True), scaled, _NEG)
+    if mode != "greedy":
+        scaled = logits / jnp.maximum(t.temperature, 1e-6)[:, None]
+        if mode == "full":
+            wants = ((t.top_k > 0) | (t.top_p < 1.0))[:, None]
+            scaled = jnp.where(wants, _filter_top_k_top_p(scaled, t), scaled)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        scaled = jnp.where(probs >= t.min_p[:, None] * probs.max(-1, keepdims=True), scaled, _NEG)
 
-    def gumbel(seed, step, v=logits.shape[-1]):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed), step)
-        return jax.random.gumbel(key, (v,), jnp.float32)
+        def gumbel(seed, step, v=logits.shape[-1]):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed), step)
+            return jax.random.gumbel(key, (v,), jnp.float32)
 
-    noise = jax.vmap(gumbel)(t.seed, t.num_generated)
-    drawn = jnp.argmax(scaled + noise, axis=-1)
-    tokens = jnp.where(t.temperature > 0, drawn, greedy_tok).astype(jnp.int32)
+        noise = jax.vmap(gumbel)(t.seed, t.num_generated)
+        drawn = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+        tokens = jnp.where(t.temperature > 0, drawn, tokens)
 
     chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
+    k = min(NUM_TOP_LOGPROBS, logits.shape[-1])
+    if mode == "full":
+        top_lp, top_ids = jax.lax.top_k(raw_logprobs, k)
+    else:
+        top_lp = jnp.zeros((logits.shape[0], k), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], k), jnp.int32)
     counts = state.out_counts.at[t.slot, tokens].add(t.valid.astype(jnp.int32))
-    state = dataclasses.replace(state, out_counts=counts)
+    # padding rows share slot 0 with a real row: send their writes out of bounds (dropped)
+    rows = jnp.where(t.valid, t.slot, state.last_token.shape[0])
+    last = state.last_token.at[rows].set(tokens, mode="drop")
+    state = dataclasses.replace(state, out_counts=counts, last_token=last)
     return tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp, state

@@ -6,6 +6,8 @@ import enum
 
 from jaxserve.sampling.params import SamplingParams
 
+PLACEHOLDER = -1   # a token sampled by a step still in flight: the runner fills it in on the device
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -32,14 +34,25 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # tokens this request samples in steps already scheduled but not yet returned
+        self.num_placeholders = 0
 
     @property
-    def all_token_ids(self) -> list[int]:
+    def known_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def all_token_ids(self) -> list[int]:
+        """Known tokens followed by one PLACEHOLDER per token still being sampled."""
+        return self.known_token_ids + [PLACEHOLDER] * self.num_placeholders
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholders
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_placeholders
 
     @property
     def is_finished(self) -> bool:

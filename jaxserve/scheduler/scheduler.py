@@ -6,6 +6,14 @@ steps (chunked prefill), decodes (1 token) and prefill chunks share steps, a pre
 starts a request with some tokens already computed, and a preempted request restarts from zero
 and recomputes prompt + generated tokens.
 
+A step's tokens count as computed as soon as it is scheduled, and a token it samples is a
+PLACEHOLDER until `update_from_output` brings the real one. So the next step can be scheduled
+while this one still runs on the device (async scheduling): a decode then feeds the placeholder,
+which the runner resolves on the device from the token the previous step sampled. A request that
+turns out to have stopped simply has its extra token dropped. Blocks are hashed for the prefix
+cache only once their tokens are known, and a preempted request is not readmitted while a token of
+it is still in flight.
+
 Each step:
   1. running requests in order (oldest first) get their tokens; when the KV cache is full, the
      newest running request is preempted (blocks freed, back to the head of the waiting queue);
@@ -107,12 +115,14 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget,
                           self.config.max_model_len - req.num_computed_tokens)
+            if req.params.max_tokens is not None and req.num_generated >= req.params.max_tokens:
+                num_new = 0   # its last token is in flight: nothing more to compute
             if num_new <= 0:
                 i += 1
                 continue
             ok = False
             while True:
-                if self.kv.allocate_slots(req.request_id, req.all_token_ids,
+                if self.kv.allocate_slots(req.request_id, req.known_token_ids,
                                           req.num_computed_tokens, num_new):
                     ok = True
                     break
@@ -131,13 +141,14 @@ class Scheduler:
             skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                if req.leader is not None and not self._leader_prompt_done(req.leader):
+                if req.num_placeholders or (
+                        req.leader is not None and not self._leader_prompt_done(req.leader)):
                     skipped.append(self.waiting.popleft())
                     continue
-                hits = self.kv.find_cached_prefix(req.request_id, req.all_token_ids)
+                hits = self.kv.find_cached_prefix(req.request_id, req.known_token_ids)
                 computed = len(hits) * self.kv.block_size
                 num_new = min(req.num_tokens - computed, budget)
-                if not self.kv.allocate_slots(req.request_id, req.all_token_ids, computed, num_new,
+                if not self.kv.allocate_slots(req.request_id, req.known_token_ids, computed, num_new,
                                               hits):
                     break
                 self.waiting.popleft()
@@ -155,10 +166,14 @@ class Scheduler:
         for req, n in scheduled:
             start = req.num_computed_tokens
             tokens = req.all_token_ids[start : start + n]
+            sample = start + n == req.num_tokens
             seqs.append(ScheduledSequence(
                 request_id=req.request_id, token_ids=tokens, num_computed_tokens=start,
                 block_table=self.kv.block_ids(req.request_id),
-                sample=start + n == req.num_tokens, num_generated=len(req.output_token_ids)))
+                sample=sample, num_generated=req.num_generated))
+            req.num_computed_tokens = start + n
+            if sample:
+                req.num_placeholders += 1
             if req.request_id not in self._seen_by_runner:
                 self._seen_by_runner.add(req.request_id)
                 new_seqs.append(NewSequence(req.request_id, req.prompt_token_ids,
@@ -173,18 +188,18 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput,
                            sampled: dict[str, int]) -> list[tuple[Request, int | None]]:
-        """Advance computed counts, append sampled tokens and apply token-level stop rules.
+        """Turn the step's placeholders into its sampled tokens and apply token-level stop rules.
         Returns (request, new token or None) for every scheduled request still known."""
         events = []
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
-            if req is None:  # aborted while the step ran
+            if req is None:  # finished or aborted while the step ran: its token is dropped
                 continue
-            req.num_computed_tokens += len(seq.token_ids)
             if not seq.sample:
                 events.append((req, None))
                 continue
             tok = sampled[seq.request_id]
+            req.num_placeholders -= 1
             req.output_token_ids.append(tok)
             events.append((req, tok))
             reason = self._check_stop(req, tok)
