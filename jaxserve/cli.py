@@ -4,6 +4,7 @@
     jaxserve generate "prompt" [--model M]     one greedy answer, streamed to stdout
     jaxserve chat [--model M]                  interactive terminal chat
     jaxserve convert --model M --output DIR    save loaded parameters as an orbax checkpoint
+    jaxserve bench throughput|latency|serve    benchmarks with `vllm bench`'s definitions
 
 With no --model, the embedded default (SmolLM2-135M-Instruct) is used.
 """
@@ -168,7 +169,85 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uvicorn-log-level", default="warning")
 
 
-COMMANDS = ("serve", "generate", "chat", "convert")
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--compilation-cache-dir", default="auto")
+
+
+def _add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int,
+                       num_prompts: int | None) -> None:
+    p.add_argument("--dataset-path", default=None,
+                   help="a ShareGPT-format JSON file (default: random token prompts)")
+    p.add_argument("--input-len", type=int, default=input_len, help="random dataset prompt length")
+    p.add_argument("--output-len", type=int, default=output_len, help="random dataset output length")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="draw lengths from [len*(1-r), len*(1+r)]")
+    p.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="override the ShareGPT reply lengths")
+    if num_prompts is not None:
+        p.add_argument("--num-prompts", type=int, default=num_prompts)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly the requested output lengths (default on)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--output-json", default=None, help="write the results to this JSON file")
+
+
+def cmd_bench(args) -> int:
+    if args.bench == "serve":
+        from jaxserve.bench.serve import run_serve
+        run_serve(args)
+    elif args.bench == "throughput":
+        from jaxserve.bench.offline import run_throughput
+        run_throughput(args)
+    else:
+        from jaxserve.bench.offline import run_latency
+        run_latency(args)
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks: throughput | latency | serve")
+    bs = b.add_subparsers(dest="bench", required=True)
+    t = bs.add_parser("throughput", help="offline: every prompt at once through the engine")
+    _add_model_args(t)
+    _add_engine_args(t)
+    _add_workload_args(t, input_len=1024, output_len=128, num_prompts=1000)
+    la = bs.add_parser("latency", help="offline: end-to-end time of one batch, repeated")
+    _add_model_args(la)
+    _add_engine_args(la)
+    _add_workload_args(la, input_len=32, output_len=128, num_prompts=None)
+    la.add_argument("--batch-size", type=int, default=8)
+    la.add_argument("--num-iters-warmup", type=int, default=10)
+    la.add_argument("--num-iters", type=int, default=30)
+    sv = bs.add_parser("serve", help="online: stream requests to a running server over HTTP")
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    sv.add_argument("--served-model-name", default=None,
+                    help="model name to request (default: the server's first /v1/models entry)")
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--tokenizer", default=None, help="HF directory or .gguf file used to build "
+                    "prompts (default: the embedded SmolLM2 tokenizer)")
+    sv.add_argument("--vocab-size", type=int, default=None,
+                    help="random token ids are drawn below this (default: the tokenizer's size)")
+    _add_workload_args(sv, input_len=1024, output_len=128, num_prompts=1000)
+    sv.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="requests per second, Poisson arrivals (default inf: all at once)")
+    sv.add_argument("--max-concurrency", type=int, default=None)
+    sv.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--disable-tqdm", action="store_true")
+    for p in (t, la, sv):
+        p.set_defaults(func=cmd_bench)
+
+
+COMMANDS = ("serve", "generate", "chat", "convert", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", required=True)
     _add_model_args(v)
     v.set_defaults(func=cmd_convert)
+    _add_bench_parser(sub)
     return parser
 
 

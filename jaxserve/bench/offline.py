@@ -1,0 +1,120 @@
+"""`jaxserve bench throughput` and `jaxserve bench latency`: the engine in this process.
+
+throughput: every prompt submitted at once to `LLM.generate` (ignore_eos by default for the random
+            dataset, as vLLM), timed from submission to the last output.
+latency:    one batch of `--batch-size` prompts, `--num-iters-warmup` untimed then `--num-iters`
+            timed runs; reports the mean and percentiles of the batch's end-to-end time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxserve.bench.datasets import BenchRequest, random_requests, sharegpt_requests
+from jaxserve.bench.metrics import format_report, write_json
+
+
+def build_llm(args):
+    from jaxserve import LLM
+    return LLM(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+               enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+               mesh=args.mesh, compilation_cache_dir=args.compilation_cache_dir)
+
+
+def _special_ids(llm) -> tuple[int, ...]:
+    ids = set(llm.loaded.config.eos_token_ids)
+    tok = llm.tokenizer
+    if tok is not None and getattr(tok, "all_special_ids", None):
+        ids |= set(tok.all_special_ids)
+    return tuple(sorted(ids))
+
+
+def make_requests(args, llm, *, num_prompts: int, input_len: int, output_len: int) -> list[BenchRequest]:
+    if getattr(args, "dataset_path", None):
+        return sharegpt_requests(args.dataset_path, num_prompts, llm.tokenizer, seed=args.seed,
+                                 output_len=getattr(args, "sharegpt_output_len", None))
+    return random_requests(num_prompts, input_len, output_len, llm.loaded.config.vocab_size,
+                           range_ratio=getattr(args, "random_range_ratio", 0.0), seed=args.seed,
+                           special_ids=_special_ids(llm))
+
+
+def _params(reqs: list[BenchRequest], args):
+    from jaxserve import SamplingParams
+    return [SamplingParams(max_tokens=r.output_len, ignore_eos=args.ignore_eos,
+                           temperature=args.temperature, top_p=1.0, seed=args.seed + i)
+            for i, r in enumerate(reqs)]
+
+
+def run_throughput(args) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    llm = build_llm(args)
+    startup = time.perf_counter() - t0
+    reqs = make_requests(args, llm, num_prompts=args.num_prompts, input_len=args.input_len,
+                         output_len=args.output_len)
+    params = _params(reqs, args)
+    prompts = [{"prompt_token_ids": r.prompt_ids} for r in reqs]
+    # a short warm-up so one-time host work (first transfers, allocator growth) is not timed
+    llm.generate(prompts[: min(4, len(prompts))], params[: min(4, len(prompts))], use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    dur = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(r.prompt_len for r in reqs)
+    res = {"benchmark": "throughput", "model": _name(args.model), "device": _device(),
+           "num_prompts": len(reqs), "completed": sum(o.finished for o in outs), "duration_s": dur, "startup_s": startup,
+           "total_input_tokens": n_in, "total_output_tokens": n_out,
+           "request_throughput": len(reqs) / dur, "output_throughput": n_out / dur,
+           "total_token_throughput": (n_in + n_out) / dur,
+           "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+    print(format_report("Offline Throughput Benchmark Result", res, latency_metrics=False))
+    print(f"device {res['device']}; start-up (load + compile) {startup:.1f}s; "
+          f"compiles after warm-up {res['compiles_after_warmup']}")
+    write_json(args.output_json, res)
+    return res
+
+
+def run_latency(args) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    llm = build_llm(args)
+    reqs = make_requests(args, llm, num_prompts=args.batch_size, input_len=args.input_len,
+                         output_len=args.output_len)
+    params = _params(reqs, args)
+    prompts = [{"prompt_token_ids": r.prompt_ids} for r in reqs]
+    for _ in tqdm(range(args.num_iters_warmup), desc="warm-up iterations", file=sys.stderr):
+        llm.generate(prompts, params, use_tqdm=False)
+    times = []
+    for _ in tqdm(range(args.num_iters), desc="timed iterations", file=sys.stderr):
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    arr = np.asarray(times)
+    res = {"benchmark": "latency", "model": _name(args.model), "device": _device(),
+           "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+           "avg_latency_s": float(arr.mean()), "latencies_s": times,
+           "percentiles_s": {str(p): float(np.percentile(arr, p)) for p in (10, 25, 50, 75, 90, 99)}}
+    print(f"Avg latency: {res['avg_latency_s']:.4f} seconds")
+    for p, v in res["percentiles_s"].items():
+        print(f"{p}% percentile latency: {v:.4f} seconds")
+    print(f"device {res['device']}; batch {args.batch_size}, {args.input_len} in -> "
+          f"{args.output_len} out: {args.batch_size * args.output_len / np.median(arr):.1f} output tok/s "
+          f"(median)")
+    write_json(args.output_json, res)
+    return res
+
+
+def _name(model) -> str:
+    return model if isinstance(model, str) or model is None else getattr(model, "source", "model")
+
+
+def _device() -> str:
+    import jax
+    d = jax.devices()[0]
+    return f"{d.device_kind} x{jax.device_count()}" if jax.device_count() > 1 else d.device_kind
