@@ -129,13 +129,16 @@ def cmd_convert(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxserve.server.launch import serve
+    from jaxserve.server.launch import follow, serve
     from jaxserve.sharding import parse_mesh
-    sizes = parse_mesh(args.mesh)
-    if sizes["dp"] > 1:
-        print(f"error: --mesh {args.mesh}: data parallelism (dp > 1) is not supported yet; "
-              f"use tp only", file=sys.stderr)
-        return 2
+    parse_mesh(args.mesh)   # a malformed --mesh fails here, before the server starts
+    if args.coordinator_address or args.num_processes:
+        import jax
+
+        from jaxserve.distributed import initialize
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if jax.process_index() != 0:
+            return follow(args)
     return serve(args)
 
 
@@ -163,10 +166,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
     p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
     p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 (tensor parallel over the "
-                   "first tp devices)")
+                   "first 2 devices) or dp=2,tp=2 (two replicas of tp=2)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--compilation-cache-dir", default="auto")
     p.add_argument("--uvicorn-log-level", default="warning")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-host: HOST:PORT of process 0 (jax.distributed); the mesh then spans "
+                        "every process's devices and process 0 serves HTTP")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: processes in the job")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

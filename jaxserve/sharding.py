@@ -120,6 +120,8 @@ def shard_model(model, mesh: Mesh):
 
     def place(path, x):
         keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        if jax.process_count() > 1:
+            x = np.asarray(x)   # every process holds the whole value and keeps its own shards
         return jax.device_put(x, fn(keys, x.shape))
 
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(place, pure))

@@ -39,15 +39,27 @@ def tp_results():
     return json.loads(line[7:])
 
 
-@pytest.mark.parametrize("family", ["llama_kv2", "qwen2_kv1"])
+@pytest.mark.parametrize("family", ["llama_kv2", "qwen2_kv1", "qwen2_kv4"])
 def test_tensor_parallel_greedy_equals_single_device(tp_results, family):
     base = tp_results[f"{family}/None"]["tokens"]
     assert all(len(t) == 12 for t in base)
-    for mesh in ("tp=2", "tp=4"):
+    for mesh in ("tp=2", "tp=4") + (("dp=2,tp=2",) if family != "qwen2_kv1" else ()):
         r = tp_results[f"{family}/{mesh}"]
-        assert r["tokens"] == base, mesh
+        assert r["tokens"] == base and r["tokens_again"] == base, mesh
         assert r["compiles_after_warmup"] == 0
         assert "'tp'" in r["wq_spec"]  # q heads are split over tp
+
+
+def test_explicit_spmd_when_tp_splits_q_and_kv_heads(tp_results):
+    # shard_map with collectives in the model when tp divides the kv heads; XLA partitions otherwise
+    expect = {"llama_kv2/tp=2": True, "llama_kv2/tp=4": False, "qwen2_kv1/tp=2": False,
+              "qwen2_kv4/tp=2": True, "qwen2_kv4/tp=4": True, "qwen2_kv4/dp=2,tp=2": True}
+    assert {k: tp_results[k]["spmd"] for k in expect} == expect
+
+
+def test_data_parallel_spreads_requests_over_replicas(tp_results):
+    steps = tp_results["llama_kv2/dp=2,tp=2"]["replica_steps"]
+    assert len(steps) == 2 and all(n > 0 for n in steps)
 
 
 def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
@@ -60,6 +72,29 @@ def test_kv_heads_split_when_divisible_else_replicated(tp_results):
     assert "'tp'" in tp_results["llama_kv2/tp=2"]["kv_spec"]        # K=2 over tp=2
     assert "'tp'" not in tp_results["llama_kv2/tp=4"]["kv_spec"]    # K=2 < tp=4: replicated
     assert "'tp'" not in tp_results["qwen2_kv1/tp=2"]["kv_spec"]
+
+
+def test_tp_mesh_spanning_two_processes_equals_single_device(tp_results, tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    worker = os.path.join(ROOT, "tests", "workers", "multihost_greedy.py")
+    procs = [subprocess.Popen([sys.executable, worker, ROOT, str(i), str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    res = json.loads([x for x in outs[0][0].splitlines() if x.startswith("RESULT ")][-1][7:])
+    base = tp_results["llama_kv2/None"]
+    assert res["tokens"] == base["tokens"] and res["seeded"] == base["seeded"]
+    assert res["spans_processes"] and res["spmd"] and "'tp'" in res["wq_spec"]
+    assert res["compiles_after_warmup"] == 0
+    followed = [x for x in outs[1][0].splitlines() if x.startswith("FOLLOWED ")]
+    assert followed and int(followed[-1].split()[1]) > 0
 
 
 def test_rules_table():

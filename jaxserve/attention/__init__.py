@@ -57,18 +57,18 @@ class PallasBackend:
     Pallas paged decode kernel, and the general variant that runs the jnp blockwise attention for
     steps with prefill chunks. Choosing on the host keeps data-dependent control flow out of the
     compiled step. K/V are written with a donated scatter. On CPU the kernel runs in Pallas
-    interpret mode (slow; for tests)."""
+    interpret mode (slow; for tests). Under tensor parallelism the runner calls the backend per
+    shard (inside shard_map), so it only ever sees local heads."""
 
     name = "pallas"
 
-    def __init__(self, interpret: bool | None = None, decode_only: bool = False, mesh=None):
+    def __init__(self, interpret: bool | None = None, decode_only: bool = False):
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.decode_only = decode_only
-        self.mesh = mesh   # with a tp mesh the kernel runs per shard (shard_map over kv heads)
         self.device_kind = jax.devices()[0].device_kind
 
     def decode_variant(self) -> "PallasBackend":
-        return PallasBackend(self.interpret, decode_only=True, mesh=self.mesh)
+        return PallasBackend(self.interpret, decode_only=True)
 
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
@@ -79,25 +79,12 @@ class PallasBackend:
 
         # NOTE: decode steps have T == S and token i belongs to sequence i (padding: seq_len 0).
         s_, m = meta.block_tables.shape
-        tp = 1 if self.mesh is None else self.mesh.shape["tp"]
-        n_local, k_local = q.shape[1] // tp, k_cache.shape[2] // tp
-        splits, ppb, warps, stages = decode_params(self.device_kind, s_, n_local, k_local, q.shape[2],
-                                                   k_cache.shape[1], m)
-
-        def kernel(q, k_cache, v_cache, tables, lens):
-            return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=spec.scale,
-                                          splits=splits, pages_per_block=ppb,
-                                          sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
-                                          num_warps=warps, num_stages=stages, interpret=self.interpret)
-
-        if tp == 1:
-            out = kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
-        else:
-            from jax.sharding import PartitionSpec as P
-            heads, cache = P(None, "tp", None), P(None, None, "tp", None)
-            out = jax.shard_map(kernel, mesh=self.mesh, in_specs=(heads, cache, cache, P(), P()),
-                                out_specs=heads, check_vma=False)(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
+        splits, ppb, warps, stages = decode_params(self.device_kind, s_, q.shape[1], k_cache.shape[2],
+                                                   q.shape[2], k_cache.shape[1], m)
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     scale=spec.scale, splits=splits, pages_per_block=ppb,
+                                     sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
+                                     num_warps=warps, num_stages=stages, interpret=self.interpret)
         return out, (k_cache, v_cache)
 
 

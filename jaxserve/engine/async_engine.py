@@ -177,3 +177,10 @@ class AsyncEngine:
             err = EngineDeadError(f"engine step loop failed: {type(e).__name__}: {e}")
             for stream in list(self._streams.values()):
                 stream.put(err)
+        finally:
+            # multi-host: release the followers from this thread, the one that broadcasts steps
+            from jaxserve.distributed import stop_followers
+            try:
+                stop_followers(self.core)
+            except Exception:  # noqa: BLE001 - followers may already be gone
+                pass

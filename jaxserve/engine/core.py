@@ -131,17 +131,15 @@ class EngineCore:
         usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize, kv_shards)
         backend = config.attention_backend
         if tp > 1:
-            from jaxserve.attention import PallasBackend, get_backend
+            # NOTE: when tp splits q and kv heads the runner runs the whole forward per shard
+            # (shard_map), so any backend works there unchanged; otherwise XLA partitions the
+            # step and only the jnp reference attention is used.
             splittable = cfg.num_kv_heads % tp == 0 and cfg.num_heads % tp == 0
             if backend == "auto":
                 backend = "pallas" if jax.default_backend() == "gpu" and splittable else "reference"
-            if backend == "pallas":
-                if not splittable:
-                    raise ValueError(f"attention_backend='pallas' under tp={tp} needs the kv heads "
-                                     f"({cfg.num_kv_heads}) split evenly over tp; use 'reference'")
-                backend = PallasBackend(mesh=mesh)
-            else:
-                backend = get_backend(backend)
+            if backend == "pallas" and not splittable:
+                raise ValueError(f"attention_backend='pallas' under tp={tp} needs the kv heads "
+                                 f"({cfg.num_kv_heads}) split evenly over tp; use 'reference'")
         self.kv_manager = KVCacheManager(usable + 1, config.block_size,
                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens, self.max_model_len,
@@ -162,6 +160,9 @@ class EngineCore:
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
         self._pending: tuple[list, dict, float] | None = None   # step outputs not yet processed
         self._inflight = None   # (SchedulerOutput, handle) of the dispatched, unfetched step
+        # multi-host (jaxserve.distributed): the leader hands each step to the followers first
+        self.step_listener = None
+        self.broadcast = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
@@ -245,15 +246,29 @@ class EngineCore:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return self.step_end(self.step_begin())
+
+    def step_begin(self):
+        """Schedule and dispatch a step; returns the dispatched step to complete next (with
+        async scheduling, the one before)."""
         out = self.scheduler.schedule()
         handle = None
         if not out.is_empty or out.released_ids:
+            if self.step_listener is not None:
+                self.step_listener(out)
             handle = self.runner.dispatch(out)           # the device starts on this step
         current = (out, handle) if out.seqs else None
         if not self.config.async_scheduling:
-            return self._complete(current)
+            return current
         previous, self._inflight = self._inflight, current
-        return self._complete(previous)                  # the step before, while this one runs
+        return previous                                  # completed while this one runs
+
+    def step_end(self, entry) -> list[RequestOutput]:
+        return self._complete(entry)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
 
     def _complete(self, entry) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs."""

@@ -15,9 +15,9 @@ import itertools
 import sys
 from typing import Any, Sequence
 
-from jaxserve.engine.core import EngineConfig, EngineCore
+from jaxserve.engine.core import EngineConfig
 from jaxserve.engine.outputs import RequestOutput
-from jaxserve.loading import LoadedModel, load_model
+from jaxserve.loading import LoadedModel
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.tokenizer import encode_chat
 
@@ -32,31 +32,18 @@ class LLM:
                  compilation_cache_dir: str | None = "auto", show_progress: bool = True):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        from jaxserve.sharding import make_mesh, param_sharding, parse_mesh  # noqa: F401
+        from jaxserve.engine.dp import build_engine
 
-        sizes = parse_mesh(mesh)
-        self.mesh = None
-        if sizes["dp"] > 1:
-            raise NotImplementedError(f"mesh={mesh!r}: data parallelism (dp > 1) is not supported "
-                                      f"yet; use tp only")
-        if sizes["tp"] > 1:
-            import jax
-            self.mesh = make_mesh(mesh, jax.devices()[: sizes["tp"]])
-        shardings = param_sharding(self.mesh) if self.mesh is not None else None
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, dtype=dtype, load_format=load_format, seed=seed, shardings=shardings)
-        if isinstance(model, LoadedModel) and self.mesh is not None:
-            import dataclasses
-
-            from jaxserve.sharding import shard_model
-            self.loaded = dataclasses.replace(model, model=shard_model(model.model, self.mesh))
-        self.engine = EngineCore(self.loaded, EngineConfig(
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
-            seed=seed, compilation_cache_dir=compilation_cache_dir, show_progress=show_progress),
-            mesh=self.mesh)
+        self.loaded, self.engine = build_engine(
+            model, EngineConfig(
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
+                seed=seed, compilation_cache_dir=compilation_cache_dir, show_progress=show_progress),
+            mesh, dtype=dtype, load_format=load_format, seed=seed)
+        from jaxserve.distributed import attach
+        attach(self.engine)   # several processes (jax.distributed): process 0 leads
         self.show_progress = show_progress
         self._ids = itertools.count()
 
@@ -123,6 +110,17 @@ class LLM:
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
+
+    # -- several processes (see jaxserve/distributed.py) ---------------------------------------
+    def follow(self) -> int:
+        """On processes other than 0: run the leader's steps until it calls `shutdown()`."""
+        from jaxserve.distributed import follow
+        return follow(self.engine)
+
+    def shutdown(self) -> None:
+        """On process 0: release the followers (a no-op with one process)."""
+        from jaxserve.distributed import stop_followers
+        stop_followers(self.engine)
 
     def model_fn(self):
         """(graphdef, params, forward) for your own `jax.jit`; see the module docstring."""

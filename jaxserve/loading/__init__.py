@@ -112,7 +112,7 @@ def load_model(model: str | None = None, *, dtype: Any = "auto", load_format: st
         cfg = ModelConfig.from_hf_config(hf)
         dt = resolve_dtype(dtype, cfg)
         if load_format == "dummy":
-            net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed)
+            net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed, shardings=shardings)
         else:
             net = model_from_tensors(cfg, ckpt.tensors(hf), dtype=dt, shardings=shardings,
                                      source=os.path.basename(where), progress=progress)
@@ -124,13 +124,13 @@ def load_model(model: str | None = None, *, dtype: Any = "auto", load_format: st
         dt = resolve_dtype(dtype, cfg)
         if load_format != "dummy":
             raise ValueError(f"preset {where!r} has no weights: use load_format='dummy'")
-        net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed)
+        net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed, shardings=shardings)
     else:
         hf = read_hf_config(where)
         cfg = ModelConfig.from_hf_config(hf)
         dt = resolve_dtype(dtype, cfg)
         if load_format == "dummy":
-            net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed)
+            net = dummy_mod.dummy_model(cfg, dtype=dt, seed=seed, shardings=shardings)
         elif kind == "orbax" or load_format == "orbax":
             net = restore_orbax(where, cfg, dtype=dt, shardings=shardings)
         else:

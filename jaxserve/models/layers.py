@@ -7,6 +7,12 @@ own `jax.jit`. Einsum letters are listed in docs/GLOSSARY.md.
 
 Weights keep an explicit head layout ([D, N, H] for q, [N, H, D] for o) so sharding rules can name
 the head axis; the loaders convert Hugging Face's [out, in] matrices once at load time.
+
+Tensor parallelism (Megatron style): called inside `jax.shard_map` with `tp_axis` set, every
+module sees its local shard of the weights and adds the collectives itself: a psum after the row-
+parallel o and down projections, a masked lookup + psum for a vocab-split embedding, an all-gather
+of vocab-split logits. Whether a weight is split is read from its local shape, so the same code
+runs unsplit (tp_axis=None, or a dimension the rules replicate).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from jaxserve.attention import AttentionBackend, AttentionMetadata, AttentionSpe
 from jaxserve.config import ModelConfig, RopeConfig
 
 Array = jax.Array
+
+
+def _psum_if(x: Array, split: bool, tp_axis: str | None) -> Array:
+    return jax.lax.psum(x, tp_axis) if (tp_axis is not None and split) else x
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> Array:
@@ -84,10 +94,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         self.rope = cfg.rope        # static: inverse frequencies are compile-time constants
         self.head_dim = h
+        self.num_heads = n
         self.spec = AttentionSpec(scale=h ** -0.5, sliding_window=cfg.sliding_window)
 
     def __call__(self, x: Array, positions: Array, cache: LayerCache, meta: AttentionMetadata,
-                 backend: AttentionBackend) -> tuple[Array, LayerCache]:
+                 backend: AttentionBackend, tp_axis: str | None = None) -> tuple[Array, LayerCache]:
         q = jnp.einsum("TD,DNH->TNH", x, self.wq[...])
         k = jnp.einsum("TD,DKH->TKH", x, self.wk[...])
         v = jnp.einsum("TD,DKH->TKH", x, self.wv[...])
@@ -99,7 +110,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = backend(q, k, v, cache, meta, positions, self.spec)   # [T, N, H]
-        return jnp.einsum("TNH,NHD->TD", out, self.wo[...]), cache
+        y = jnp.einsum("TNH,NHD->TD", out, self.wo[...])
+        return _psum_if(y, self.wo[...].shape[0] < self.num_heads, tp_axis), cache
 
 
 class MLP(nnx.Module):
@@ -108,11 +120,13 @@ class MLP(nnx.Module):
         self.w_gate = nnx.Param(_normal(rngs, (d, f), dtype))  # DF
         self.w_up = nnx.Param(_normal(rngs, (d, f), dtype))    # DF
         self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))  # FD
+        self.intermediate_size = f
 
-    def __call__(self, x: Array) -> Array:  # [T, D] -> [T, D]
+    def __call__(self, x: Array, tp_axis: str | None = None) -> Array:  # [T, D] -> [T, D]
         gate = jnp.einsum("TD,DF->TF", x, self.w_gate[...])
         up = jnp.einsum("TD,DF->TF", x, self.w_up[...])
-        return jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.w_down[...])
+        y = jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.w_down[...])
+        return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp_axis)
 
 
 class DecoderLayer(nnx.Module):
@@ -122,10 +136,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, meta, backend):
-        h, cache = self.attn(self.input_norm(x), positions, cache, meta, backend)
+    def __call__(self, x, positions, cache, meta, backend, tp_axis=None):
+        h, cache = self.attn(self.input_norm(x), positions, cache, meta, backend, tp_axis)
         x = x + h
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), tp_axis)
         return x, cache
 
 
@@ -152,14 +166,28 @@ class CausalLM(nnx.Module):
         kv_caches: list[LayerCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        tp_axis: str | None = None,
     ) -> tuple[Array, list[LayerCache]]:  # hidden [T, D], updated caches
-        x = self.embed[...][input_ids]
+        table = self.embed[...]
+        if tp_axis is not None and table.shape[0] < self.config.vocab_size:
+            # vocab-split embedding: each shard looks up the ids in its range, the psum adds them
+            rows = table.shape[0]
+            local = input_ids - jax.lax.axis_index(tp_axis) * rows
+            mine = (local >= 0) & (local < rows)
+            x = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], 0).astype(table.dtype)
+            x = jax.lax.psum(x, tp_axis)
+        else:
+            x = table[input_ids]
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, meta, backend)
+            x, cache = layer(x, positions, cache, meta, backend, tp_axis)
             new_caches.append(cache)
         return self.norm(x), new_caches
 
-    def compute_logits(self, hidden: Array) -> Array:  # [S, D] -> [S, V] float32
+    def compute_logits(self, hidden: Array, tp_axis: str | None = None) -> Array:
+        """[S, D] -> [S, V] float32 (vocab-split heads are gathered whole)."""
         w = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("SD,VD->SV", hidden, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("SD,VD->SV", hidden, w, preferred_element_type=jnp.float32)
+        if tp_axis is not None and w.shape[0] < self.config.vocab_size:
+            logits = jax.lax.all_gather(logits, tp_axis, axis=1, tiled=True)
+        return logits

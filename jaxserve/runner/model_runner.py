@@ -42,6 +42,11 @@ class Sampled:
     top_logprobs: np.ndarray  # [K] float32
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated result on the host; over several processes only the local copy is read."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 def _no_src(num_tokens: int) -> np.ndarray:
     return np.full(num_tokens, -1, np.int32)
 
@@ -66,6 +71,13 @@ class ModelRunner:
             kv_sharding = kv_cache_sharding(mesh, self.cfg.num_kv_heads)
             rep = replicated(mesh)
         self._kv_sharding, self._replicated = kv_sharding, rep
+        # Tensor parallel as explicit SPMD (shard_map, collectives written in the model) when tp
+        # splits both q and kv heads; otherwise XLA's sharding propagation partitions the step.
+        self.mesh, self._tp_specs = mesh, None
+        tp = 1 if mesh is None else mesh.shape["tp"]
+        if tp > 1 and self.cfg.num_heads % tp == 0 and self.cfg.num_kv_heads % tp == 0:
+            self._tp_specs = (jax.tree.map(lambda a: a.sharding.spec, self.params),
+                              [(kv_sharding.spec,) * 2 for _ in range(self.cfg.num_layers)])
         self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
         self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
         self._set_slot = set_slot if rep is None else jax.jit(_set_slot, donate_argnums=(0,),
@@ -102,9 +114,21 @@ class ModelRunner:
                     last_token, src_slot, *, backend: AttentionBackend):
         # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
         input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
-        model = nnx.merge(self.graphdef, params)
-        hidden, kv = model(input_ids, positions, kv, meta, backend)
-        logits = model.compute_logits(hidden[logits_indices])
+
+        def body(params, kv, input_ids, positions, meta, logits_indices, tp_axis=None):
+            model = nnx.merge(self.graphdef, params)
+            hidden, kv = model(input_ids, positions, kv, meta, backend, tp_axis)
+            return model.compute_logits(hidden[logits_indices], tp_axis), kv
+
+        if self._tp_specs is None:
+            logits, kv = body(params, kv, input_ids, positions, meta, logits_indices)
+        else:
+            from jax.sharding import PartitionSpec as P
+            pspecs, kvspecs = self._tp_specs
+            logits, kv = jax.shard_map(
+                functools.partial(body, tp_axis="tp"), mesh=self.mesh,
+                in_specs=(pspecs, kvspecs, P(), P(), P(), P()), out_specs=(P(), kvspecs),
+                check_vma=False)(params, kv, input_ids, positions, meta, logits_indices)
         if self._kv_sharding is not None:
             # NOTE: pin the donated state's layout so every step variant hands the next call
             # arrays with the same shardings: no recompiles after warm-up.
@@ -257,7 +281,7 @@ class ModelRunner:
         if handle is None:
             return {}
         out, result = handle
-        tokens, lp, top_ids, top_lp = jax.device_get(result)
+        tokens, lp, top_ids, top_lp = (_host(x) for x in result)
         return {q.request_id: Sampled(int(tokens[i]), float(lp[i]), top_ids[i], top_lp[i])
                 for i, q in enumerate(out.seqs) if q.sample}
 

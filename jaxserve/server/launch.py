@@ -67,10 +67,39 @@ def _banner(host: str, port: int, name: str, api_key: str | None) -> str:
             f"{auth} -d '{body}'\n")
 
 
+def build_serving_engine(args):
+    """The engine for the serve flags (every process of a multi-host job builds the same one)."""
+    from jaxserve.distributed import attach
+    from jaxserve.engine.core import EngineConfig
+    from jaxserve.engine.dp import build_engine
+
+    _, core = build_engine(args.model, EngineConfig(
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        attention_backend=args.attention_backend,
+        compilation_cache_dir=args.compilation_cache_dir), args.mesh,
+        dtype=args.dtype, load_format=args.load_format, seed=args.seed, progress=True)
+    attach(core)
+    return core
+
+
+def follow(args) -> int:
+    """A follower process of a multi-host job: no HTTP, it replays the leader's steps."""
+    from jaxserve.distributed import follow as follow_steps
+    import jax
+    core = build_serving_engine(args)
+    print(f"jaxserve: process {jax.process_index()} of {jax.process_count()} ready, following "
+          f"process 0", file=sys.stderr, flush=True)
+    steps = follow_steps(core)
+    print(f"jaxserve: process {jax.process_index()}: leader stopped after {steps} steps",
+          file=sys.stderr, flush=True)
+    return 0
+
+
 def serve(args) -> int:
     from jaxserve.engine.async_engine import AsyncEngine
-    from jaxserve.engine.core import EngineConfig, EngineCore
-    from jaxserve.loading import load_model
 
     names = args.served_model_name or [args.model or "SmolLM2-135M-Instruct"]
     chat_template = args.chat_template
@@ -106,20 +135,7 @@ def serve(args) -> int:
 
     def load() -> None:
         try:
-            import jax
-
-            from jaxserve.sharding import make_mesh, param_sharding, parse_mesh
-            sizes = parse_mesh(args.mesh)
-            mesh = make_mesh(args.mesh, jax.devices()[: sizes["tp"]]) if sizes["tp"] > 1 else None
-            lm = load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                            progress=True, shardings=param_sharding(mesh) if mesh is not None else None)
-            core = EngineCore(lm, EngineConfig(
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-                enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                attention_backend=args.attention_backend,
-                compilation_cache_dir=args.compilation_cache_dir), mesh=mesh)
+            core = build_serving_engine(args)
             state.engine = AsyncEngine(core)
             print(_banner(args.host, args.port, names[0], api_key), file=sys.stderr, flush=True)
         except BaseException as e:

@@ -1,5 +1,5 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4: greedy tokens of
-tiny Llama and Qwen2 models under several meshes, printed as JSON."""
+tiny Llama and Qwen2 models under several meshes (tp and dp x tp), printed as JSON."""
 
 import json
 import sys
@@ -17,20 +17,31 @@ result = {}
 for family, overrides in {
     "llama_kv2": {},                                            # K=2: tp=2 splits, tp=4 replicates
     "qwen2_kv1": {"architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 1},
+    # K=4 (shard_map at tp=2 and 4), q/k/v biases, tied embedding; vocab 130 splits over tp=2
+    # but not tp=4 (replicated head)
+    "qwen2_kv4": {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 8,
+                  "num_key_value_heads": 4, "tie_word_embeddings": True, "vocab_size": 130},
 }.items():
-    for mesh in (None, "tp=2", "tp=4"):
+    for mesh in (None, "tp=2", "tp=4") + (("dp=2,tp=2",) if family != "qwen2_kv1" else ()):
         lm = tiny_loaded(seed=13, **overrides)  # LLM re-places the weights by the mesh rules
         llm = LLM(lm, mesh=mesh, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
                   block_size=8, num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate(prompts * 2, sp)   # 6 requests: dp spreads them over its replicas
         wq = llm.loaded.model.layers[0].attn.wq[...]
+        runner = llm.engine.runner
         result[f"{family}/{mesh}"] = {
-            "tokens": [o.outputs[0].token_ids for o in outs],
+            "spmd": runner._tp_specs is not None,
+            "replica_steps": [e.runner.num_steps for e in getattr(llm.engine, "replicas", [])],
+            "tokens": [o.outputs[0].token_ids for o in outs[:3]],
+            "tokens_again": [o.outputs[0].token_ids for o in outs[3:]],
             "wq_spec": str(wq.sharding.spec) if hasattr(wq.sharding, "spec") else "single",
-            "kv_spec": str(llm.engine.runner.kv[0][0].sharding.spec)
-            if hasattr(llm.engine.runner.kv[0][0].sharding, "spec") else "single",
+            "kv_spec": str(runner.kv[0][0].sharding.spec)
+            if hasattr(runner.kv[0][0].sharding, "spec") else "single",
             "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"],
         }
+        if mesh is None:   # a seeded sample, for the multi-process test to compare against
+            result[f"{family}/{mesh}"]["seeded"] = llm.generate(
+                prompts[:1], SamplingParams(temperature=0.8, seed=3, max_tokens=8))[0].outputs[0].token_ids
 # the Pallas decode kernel per shard (shard_map over kv heads; interpret mode on CPU)
 llm = LLM(tiny_loaded(seed=13), mesh="tp=2", attention_backend="pallas", max_model_len=64,
           max_num_seqs=4, max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
