@@ -2,10 +2,10 @@
 
     python scripts/bench_peer.py --model qwen2.5-7b
 
-1. Measures the HBM read ceiling (JAX, sum over 4 GiB).
-2. Builds the HF model from the preset's config with random bf16 weights on the GPU (torch, eager
+1. Builds the HF model from the preset's config with random bf16 weights on the GPU (torch, eager
    attention), runs `generate` (greedy, min_new_tokens = max_new_tokens, so exactly N tokens) for
    each workload, and frees it.
+2. Measures the HBM read ceiling (JAX, sum over 4 GiB).
 3. Hands the same weights to jaxserve (no file in between) and runs the same workloads through
    `LLM.generate` (ignore_eos).
 4. Prints output tok/s for both, jaxserve/HF, and jaxserve/roofline for batch 1.
@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+# torch and JAX share the GPU here: JAX must not grab 75% of it before HF runs
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import read_ceiling_tbs  # noqa: E402
 
@@ -137,8 +139,8 @@ def main() -> None:
 
     workloads = parse_workloads(args.workloads)
     hf_cfg = preset_hf_config(args.model)
-    ceiling = read_ceiling_tbs()
     hf_rows, tensors = run_hf(hf_cfg, workloads, args.hf_repeats, args.seed)
+    ceiling = read_ceiling_tbs()
     js_rows, startup, cfg = run_jaxserve(hf_cfg, tensors, workloads, args.repeats, args.seed)
     roofline = ceiling * 1e12 / (cfg.num_params() * 2)
     device = jax.devices()[0].device_kind

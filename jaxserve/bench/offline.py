@@ -83,7 +83,9 @@ def run_throughput(args) -> dict[str, Any]:
 def run_latency(args) -> dict[str, Any]:
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     llm = build_llm(args)
+    startup = time.perf_counter() - t0
     reqs = make_requests(args, llm, num_prompts=args.batch_size, input_len=args.input_len,
                          output_len=args.output_len)
     params = _params(reqs, args)
@@ -98,14 +100,14 @@ def run_latency(args) -> dict[str, Any]:
     arr = np.asarray(times)
     res = {"benchmark": "latency", "model": _name(args.model), "device": _device(),
            "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
-           "avg_latency_s": float(arr.mean()), "latencies_s": times,
+           "avg_latency_s": float(arr.mean()), "latencies_s": times, "startup_s": startup,
            "percentiles_s": {str(p): float(np.percentile(arr, p)) for p in (10, 25, 50, 75, 90, 99)}}
     print(f"Avg latency: {res['avg_latency_s']:.4f} seconds")
     for p, v in res["percentiles_s"].items():
         print(f"{p}% percentile latency: {v:.4f} seconds")
     print(f"device {res['device']}; batch {args.batch_size}, {args.input_len} in -> "
           f"{args.output_len} out: {args.batch_size * args.output_len / np.median(arr):.1f} output tok/s "
-          f"(median)")
+          f"(median); start-up (load + compile) {startup:.1f}s")
     write_json(args.output_json, res)
     return res
 
