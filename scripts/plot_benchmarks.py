@@ -1,0 +1,61 @@
+"""Draw the figures in docs/benchmarks.md from the recorded results in docs/results/*.json.
+
+    python scripts/plot_benchmarks.py        # writes docs/img/*.png (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS, IMG = os.path.join(ROOT, "docs", "results"), os.path.join(ROOT, "docs", "img")
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(IMG, exist_ok=True)
+
+    peer = load("peer_h100_qwen2.5-7b.json")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, row in zip(axes, peer["rows"]):
+        ax.bar(["HF transformers", "jaxserve"], [row["hf_tok_s"], row["jaxserve_tok_s"]],
+               color=["#999999", "#1f77b4"])
+        if row["batch"] == 1:
+            ax.axhline(peer["roofline_tok_s"], color="k", ls="--", lw=1)
+            ax.set_ylim(0, peer["roofline_tok_s"] * 1.15)
+            ax.text(0.5, peer["roofline_tok_s"] * 1.02, "weight-read roofline", ha="center")
+        ax.set_title(f"batch {row['batch']}, {row['input']} -> {row['output']} tokens")
+        ax.set_ylabel("output tok/s")
+    fig.suptitle(f"Qwen2.5-7B shape, same random bf16 weights, same run ({peer['device']})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "peer_h100.png"), dpi=110)
+
+    prog = load("engine_progress_h200.json")
+    labels = [s["label"] for s in prog["steps"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "batch1", "batch 1"), (axes[1], "batch64", "batch 64")):
+        ax.bar(range(len(labels)), [s[key] for s in prog["steps"]], color="#1f77b4")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("output tok/s")
+        ax.set_title(title)
+        if key == "batch1":
+            ax.axhline(prog["roofline_batch1_tok_s"], color="k", ls="--", lw=1)
+            ax.set_ylim(0, prog["roofline_batch1_tok_s"] * 1.15)
+            ax.text(0, prog["roofline_batch1_tok_s"] * 1.02, "roofline", fontsize=8)
+    fig.suptitle(f"Engine decode throughput by change ({prog['device']}; {prog['workload'].split(',')[0]})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "engine_progress_h200.png"), dpi=110)
+    print("wrote", ", ".join(sorted(os.listdir(IMG))))
+
+
+if __name__ == "__main__":
+    main()
