@@ -33,3 +33,22 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
     # the sweep's best (B=64, K=4 -> 256 programs) used 2 splits: ~2 programs per SM in total
     splits = max(1, min(-(-2 * sms // programs), max(1, max_pages // ppb)))
     return splits, ppb, warps, stages
+
+
+# (device_kind substring, q_heads per kv head, head_dim, page_size)
+#     -> (block_q, pages_per_block, num_warps, num_stages)
+PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int]] = {}
+
+
+def prefill_params(device_kind: str, group: int, head_dim: int,
+                   page_size: int) -> tuple[int, int, int, int]:
+    """Launch parameters of the ragged prefill kernel. Untuned default: ~128 query rows per
+    program (block_q tokens x the group's heads padded to a power of two) against 64 keys."""
+    for (card, g, h, b), val in PREFILL_TABLE.items():
+        if card in device_kind and (g, h, b) == (group, head_dim, page_size):
+            return val
+    gp = 1 << (group - 1).bit_length()
+    block_q = max(1, 128 // gp)
+    ppb = max(1, 64 // page_size)
+    warps = 8 if head_dim >= 128 else 4
+    return block_q, ppb, warps, 2

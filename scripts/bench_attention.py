@@ -1,8 +1,12 @@
-"""Paged-attention benchmark (GPU machine): measures the HBM read ceiling first, then per shape the
-µs, achieved TB/s and % of that ceiling of: our Pallas decode kernel, JAX's own
-`jax.experimental.pallas.ops.gpu.paged_attention`, and the jnp reference, all in the same run.
+"""Paged-attention benchmark (GPU machine), all figures from the same run:
 
-    python scripts/bench_attention.py [--quick] [--sweep] [--json out.json]
+decode: measures the HBM read ceiling first, then per shape the µs, achieved TB/s and % of that
+ceiling of our Pallas decode kernel, JAX's own `jax.experimental.pallas.ops.gpu.paged_attention`,
+and the jnp reference.
+prefill (`--prefill`): measures bf16 matmul throughput first (8192^3), then per ragged step the µs,
+TFLOP/s and % of that of our ragged prefill kernel and of the engine's jnp blockwise attention.
+
+    python scripts/bench_attention.py [--quick] [--sweep] [--prefill] [--prefill-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, paged_decode_reference
-from pallas_kernels.tuning import decode_params
+from pallas_kernels.paged_prefill import paged_prefill_attention, prefill_flops
+from pallas_kernels.tuning import decode_params, prefill_params
 
 HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
 
@@ -48,6 +53,90 @@ def read_ceiling() -> float:
     return best
 
 
+def matmul_ceiling() -> float:
+    """bf16 TFLOP/s of an 8192^3 matmul (fp32 accumulation)."""
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * 8192 ** 3 / timeit(f, a, b, iters=10, rounds=3) / 1e12
+
+
+def make_ragged(seqs, n, k, h, page=16, seed=0):
+    """seqs: (cached, new) tokens per sequence; the cache holds every token's K/V."""
+    rng = np.random.default_rng(seed)
+    lens = [c + x for c, x in seqs]
+    m = -(-max(lens) // page)
+    pages = len(seqs) * m + 1
+    kc = jax.random.normal(jax.random.key(seed), (pages, page, k, h), jnp.bfloat16)
+    vc = jax.random.normal(jax.random.key(seed + 1), (pages, page, k, h), jnp.bfloat16)
+    tables = rng.permutation(np.arange(1, pages))[: len(seqs) * m].reshape(len(seqs), m).astype(np.int32)
+    qsl = np.concatenate([[0], np.cumsum([x for _, x in seqs])]).astype(np.int32)
+    q = jax.random.normal(jax.random.key(seed + 2), (int(qsl[-1]), n, h), jnp.bfloat16)
+    return q, kc, vc, tables, np.array(lens, np.int32), qsl
+
+
+def bench_prefill(kind: str, sweep: bool) -> dict:
+    from jaxserve.attention import AttentionSpec, build_metadata, paged_attention_blockwise
+
+    tflops = matmul_ceiling()
+    print(f"device: {kind}; bf16 matmul 8192^3: {tflops:.0f} TFLOP/s")
+    cases = {"1 x 512 new": [(0, 512)], "1 x 2048 new": [(0, 2048)],
+             "4 x 512 new after 1536 cached": [(1536, 512)] * 4}
+    rows = []
+    print(f"{'heads':>11} {'step':>30} | {'ours µs':>8} {'TFLOP/s':>8} {'%':>4} | {'jnp µs':>8} {'TFLOP/s':>8} | err")
+    for name, (n, k, h) in HEADS.items():
+        for label, seqs in cases.items():
+            q, kc, vc, tables, lens, qsl = make_ragged(seqs, n, k, h)
+            flops = prefill_flops(qsl, lens, n, h)
+            bq, ppb, warps, stages = prefill_params(kind, n // k, h, 16)
+            ours = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention(
+                q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
+                num_warps=warps, num_stages=stages))
+            t_ours = timeit(ours, q, kc, vc, tables, lens, qsl)
+            meta, pos = build_metadata([(tables[i].tolist(), c, x) for i, (c, x) in enumerate(seqs)],
+                                       block_size=16, num_tokens=q.shape[0], num_seqs=len(seqs),
+                                       max_blocks_per_seq=tables.shape[1])
+            spec = AttentionSpec(scale=h ** -0.5)
+            ref = jax.jit(lambda q, kc, vc, meta, pos: paged_attention_blockwise(q, kc, vc, meta, pos, spec))
+            t_ref = timeit(ref, q, kc, vc, meta, pos, iters=3, rounds=3)
+            err = float(jnp.max(jnp.abs(ours(q, kc, vc, tables, lens, qsl).astype(jnp.float32)
+                                        - ref(q, kc, vc, meta, pos).astype(jnp.float32))))
+            tf = lambda t: flops / t / 1e12
+            row = {"heads": name, "step": label, "flops": flops, "ours_us": t_ours * 1e6,
+                   "ours_tflops": tf(t_ours), "ours_pct": 100 * tf(t_ours) / tflops,
+                   "jnp_us": t_ref * 1e6, "jnp_tflops": tf(t_ref), "max_abs_err": err,
+                   "params": {"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages}}
+            rows.append(row)
+            print(f"{name:>11} {label:>30} | {row['ours_us']:>8.1f} {row['ours_tflops']:>8.1f} "
+                  f"{row['ours_pct']:>4.0f} | {row['jnp_us']:>8.1f} {row['jnp_tflops']:>8.1f} | {err:.3f}",
+                  flush=True)
+    best = []
+    if sweep:
+        n, k, h = HEADS["qwen2.5-7b"]
+        q, kc, vc, tables, lens, qsl = make_ragged([(0, 2048)], n, k, h)
+        flops = prefill_flops(qsl, lens, n, h)
+        for bq in (8, 16, 32):
+            for ppb in (2, 4, 8):
+                for warps in (4, 8):
+                    for stages in (1, 2):
+                        f = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention(
+                            q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
+                            num_warps=warps, num_stages=stages))
+                        try:
+                            t = timeit(f, q, kc, vc, tables, lens, qsl, iters=10, rounds=3)
+                        except Exception as e:
+                            print(f"  sweep {bq} {ppb} {warps} {stages} failed: {type(e).__name__}")
+                            continue
+                        best.append({"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages,
+                                     "us": t * 1e6, "tflops": flops / t / 1e12})
+        best.sort(key=lambda r: r["us"])
+        print("prefill sweep (qwen heads, 1 x 2048 new), best first:")
+        for r in best[:6]:
+            print(f"  block_q={r['block_q']:>2} ppb={r['ppb']} warps={r['warps']} stages={r['stages']}: "
+                  f"{r['us']:.1f} µs {r['tflops']:.1f} TFLOP/s ({100 * r['tflops'] / tflops:.0f}%)")
+    return {"matmul_tflops": tflops, "rows": rows, "sweep": best}
+
+
 def make_case(batch, length, n, k, h, page=16, seed=0):
     rng = np.random.default_rng(seed)
     m = length // page
@@ -64,11 +153,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--sweep", action="store_true", help="tune splits/pages_per_block/warps on B=64 L=2048")
+    ap.add_argument("--prefill", action="store_true", help="also the ragged prefill kernel")
+    ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
 
     kind = jax.devices()[0].device_kind
+    prefill = None
+    if args.prefill or args.prefill_only:
+        prefill = bench_prefill(kind, args.sweep)
+    if args.prefill_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": kind, "prefill": prefill}, f, indent=1)
+        return
     ceiling = read_ceiling()
     print(f"device: {kind}; HBM read ceiling (best of sum/max over 4 GiB bf16): {ceiling:.2f} TB/s")
     rows = []
@@ -140,7 +239,8 @@ def main() -> None:
                   f"{r['us']:.1f} µs {r['tbs']:.2f} TB/s ({100 * r['tbs'] / ceiling:.0f}%)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": kind, "ceiling_tbs": ceiling, "rows": rows, "sweep": sweep}, f, indent=1)
+            json.dump({"device": kind, "ceiling_tbs": ceiling, "rows": rows, "sweep": sweep,
+                       "prefill": prefill}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ class GatherBackend:
 
 
 class PallasBackend:
-    """GPU kernels where they exist. The runner compiles two variants of every step: a decode
-    variant (`decode_only=True`, used when every sequence feeds exactly one token) that calls the
-    Pallas paged decode kernel, and the general variant that runs the jnp blockwise attention for
-    steps with prefill chunks. Choosing on the host keeps data-dependent control flow out of the
-    compiled step. K/V are written with a donated scatter. On CPU the kernel runs in Pallas
+    """The Pallas GPU kernels. The runner compiles two variants of every step: a decode variant
+    (`decode_only=True`, used when every sequence feeds exactly one token) that calls the paged
+    decode kernel (split-K over pages), and the general variant that calls the ragged paged
+    prefill kernel for steps with prefill chunks (decodes mixed in). Choosing on the host keeps
+    data-dependent control flow out of the compiled step. K/V are written with a donated scatter. On CPU the kernel runs in Pallas
     interpret mode (slow; for tests). Under tensor parallelism the runner calls the backend per
     shard (inside shard_map), so it only ever sees local heads."""
 
@@ -73,7 +73,17 @@ class PallasBackend:
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
         if not self.decode_only:
-            return paged_attention_blockwise(q, k_cache, v_cache, meta, positions, spec), (k_cache, v_cache)
+            from pallas_kernels.paged_prefill import paged_prefill_attention
+            from pallas_kernels.tuning import prefill_params
+
+            block_q, ppb, warps, stages = prefill_params(
+                self.device_kind, q.shape[1] // k_cache.shape[2], q.shape[2], k_cache.shape[1])
+            out = paged_prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                scale=spec.scale, block_q=block_q, pages_per_block=ppb,
+                sliding_window=spec.sliding_window, soft_cap=spec.soft_cap, num_warps=warps,
+                num_stages=stages, interpret=self.interpret)
+            return out, (k_cache, v_cache)
         from pallas_kernels.paged_decode import paged_decode_attention
         from pallas_kernels.tuning import decode_params
 
