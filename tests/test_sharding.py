@@ -62,6 +62,12 @@ def test_data_parallel_spreads_requests_over_replicas(tp_results):
     assert len(steps) == 2 and all(n > 0 for n in steps)
 
 
+def test_async_engine_streams_over_data_parallel_replicas(tp_results):
+    r = tp_results["qwen2_kv4/dp=2,tp=2/async"]
+    assert r["tokens"] == tp_results["qwen2_kv4/None"]["tokens"] * 2
+    assert r["blocks_free"] == r["blocks_total"]
+
+
 def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
     r = tp_results["llama_kv2/tp=2/pallas"]
     assert r["tokens"] == tp_results["llama_kv2/None"]["tokens"]

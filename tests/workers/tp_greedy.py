@@ -39,9 +39,31 @@ for family, overrides in {
             if hasattr(runner.kv[0][0].sharding, "spec") else "single",
             "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"],
         }
+        if mesh == "dp=2,tp=2" and family == "qwen2_kv4":
+            dp_llm = llm
         if mesh is None:   # a seeded sample, for the multi-process test to compare against
             result[f"{family}/{mesh}"]["seeded"] = llm.generate(
                 prompts[:1], SamplingParams(temperature=0.8, seed=3, max_tokens=8))[0].outputs[0].token_ids
+# the serving path over data-parallel replicas: AsyncEngine streams on a DataParallelEngine
+import asyncio  # noqa: E402
+
+from jaxserve.engine.async_engine import AsyncEngine  # noqa: E402
+
+
+async def _streams(eng):
+    async def one(p):
+        last = None
+        async for out in eng.generate(p, sp):
+            last = out
+        return last.outputs[0].token_ids
+    return await asyncio.gather(*[one(p) for p in prompts * 2])
+
+
+aeng = AsyncEngine(dp_llm.engine)
+result["qwen2_kv4/dp=2,tp=2/async"] = {"tokens": asyncio.run(_streams(aeng)),
+                                       "blocks_free": aeng.get_stats()["kv_blocks_free"],
+                                       "blocks_total": aeng.get_stats()["kv_blocks_total"]}
+aeng.shutdown()
 # the Pallas decode kernel per shard (shard_map over kv heads; interpret mode on CPU)
 llm = LLM(tiny_loaded(seed=13), mesh="tp=2", attention_backend="pallas", max_model_len=64,
           max_num_seqs=4, max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
