@@ -94,13 +94,13 @@ def main() -> None:
         for b in args.batches:
             if (b, b) not in runner.buckets and (b, b) not in runner.decode_buckets:
                 continue
-            ids, pos, meta, idx, st = runner._padding_inputs(b, b)
+            fwd, st = runner._padding_inputs(b, b)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 for _ in range(20):  # device time of one padded step, dispatched back to back
-                    logits, runner.kv = fn(runner.params, runner.kv, ids, pos, meta, idx,
-                                           runner.sampler_state.last_token, np.full(b, -1, np.int32))
+                    logits, runner.kv = fn(runner.params, runner.kv, fwd,
+                                           runner.sampler_state.last_token, t=b, s=b)
                     res, runner.sampler_state = runner._sample["greedy"](
                         logits, runner.sampler_state, st)
                 jax.block_until_ready(res)

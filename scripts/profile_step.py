@@ -99,6 +99,7 @@ def main() -> None:
     from jaxserve.attention import build_metadata
     from jaxserve.loading import load_model
     from jaxserve.runner.model_runner import ModelRunner
+    from jaxserve.runner.packing import pack_forward, pack_sampling
     from jaxserve.sampling.sampler import SamplingTensors
 
     ceiling = read_ceiling_tbs(4.0 if jax.default_backend() == "gpu" else 0.25)
@@ -144,20 +145,19 @@ def main() -> None:
         rows = SamplingTensors.host(s)
         rows["valid"][:] = True
         rows["slot"][:] = np.arange(s)
-        st = SamplingTensors(**rows)
-        idx = np.arange(s, dtype=np.int32)
-        src = np.full(t, -1, np.int32)
-        meta, pos, ids, idx, src = jax.device_put((meta, pos, ids, idx, src))
+        fwd_in = jax.device_put(pack_forward(ids, pos, meta, np.arange(s, dtype=np.int32),
+                                             np.full(t, -1, np.int32)))
+        st = jax.device_put(pack_sampling(rows))
 
         def full_step(mode="greedy"):
-            logits, runner.kv = fwd(params, runner.kv, ids, pos, meta, idx,
-                                    runner.sampler_state.last_token, src)
+            logits, runner.kv = fwd(params, runner.kv, fwd_in, runner.sampler_state.last_token,
+                                    t=t, s=s)
             out, runner.sampler_state = runner._sample[mode](logits, runner.sampler_state, st)
             return out
 
         def forward():
-            logits, runner.kv = fwd(params, runner.kv, ids, pos, meta, idx,
-                                    runner.sampler_state.last_token, src)
+            logits, runner.kv = fwd(params, runner.kv, fwd_in, runner.sampler_state.last_token,
+                                    t=t, s=s)
             return logits
 
         x = jax.random.normal(jax.random.key(1), (b, cfg.hidden_size), jnp.bfloat16)

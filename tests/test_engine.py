@@ -226,3 +226,30 @@ def test_sampler_has_no_device_branches(llm):
         hlo = runner.lower_sampler(runner.sample_sizes[-1], mode).as_text()
         assert "stablehlo.case" not in hlo and "conditional" not in hlo, mode
     assert "while" not in runner.lower_sampler(runner.sample_sizes[-1], "greedy").as_text()
+
+
+def test_step_inputs_pack_into_one_array_and_back():
+    import jax
+    import jax.numpy as jnp
+    from jaxserve.attention import build_metadata
+    from jaxserve.runner.packing import pack_forward, pack_sampling, unpack_forward, unpack_sampling
+    from jaxserve.sampling.sampler import SamplingTensors
+
+    meta, pos = build_metadata([([3, 4], 5, 2), ([7], 0, 3)], block_size=4, num_tokens=8,
+                               num_seqs=4, max_blocks_per_seq=3)
+    ids = np.arange(10, 18, dtype=np.int32)
+    idx = np.array([1, 4, 0, 0], np.int32)
+    src = np.array([-1, 2, -1, -1, -1, -1, -1, -1], np.int32)
+    got = unpack_forward(jnp.asarray(pack_forward(ids, pos, meta, idx, src)), 8, 4, 3)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((ids, pos, meta, idx, src))):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    rows = SamplingTensors.host(4)
+    rows["temperature"][:] = [0.0, 0.7, 1.5, -0.0]
+    rows["seed"][:] = [0, 1, 2**32 - 1, 123456789]
+    rows["valid"][:] = [True, False, True, False]
+    rows["top_p"][:] = [1.0, 0.9, 0.5, 1e-3]
+    back = unpack_sampling(jnp.asarray(pack_sampling(rows)), 4)
+    for name, want in rows.items():
+        have = np.asarray(getattr(back, name))
+        assert have.dtype == want.dtype, name
+        np.testing.assert_array_equal(have, want)

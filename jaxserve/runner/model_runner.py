@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.attention import AttentionBackend, AttentionMetadata, build_metadata, get_backend
+from jaxserve.attention import AttentionBackend, build_metadata, get_backend
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache.cache import allocate_kv_cache
 from jaxserve.models.layers import CausalLM
 from jaxserve.runner.compile import CompileCounter
+from jaxserve.runner.packing import pack_forward, pack_sampling, unpack_forward, unpack_sampling
 from jaxserve.sampling.sampler import (SAMPLER_MODES, SamplingTensors, _set_slot,
                                        init_sampler_state, sample, sampler_mode, set_slot)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
@@ -86,7 +87,7 @@ class ModelRunner:
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)
         self._step = jax.jit(functools.partial(self._forward_fn, backend=self.backend),
-                             donate_argnums=(1,))
+                             donate_argnums=(1,), static_argnames=("t", "s"))
         # A decode-only variant of the forward (every sequence feeds one token: T == S), when the
         # backend has a specialised kernel for it; its buckets are the sequence-count buckets.
         decode_backend = getattr(self.backend, "decode_variant", lambda: None)()
@@ -94,7 +95,7 @@ class ModelRunner:
         self.decode_buckets: list[tuple[int, int]] = []
         if decode_backend is not None:
             self._step_decode = jax.jit(functools.partial(self._forward_fn, backend=decode_backend),
-                                        donate_argnums=(1,))
+                                        donate_argnums=(1,), static_argnames=("t", "s"))
             self.decode_buckets = sorted({(s, s) for _, s in self.buckets})
         # NOTE: sampling is its own executable per (rows, mode): the host picks the cheapest mode
         # for the batch, so the forward holds no data-dependent branch (an XLA conditional on the
@@ -110,8 +111,10 @@ class ModelRunner:
         self.num_steps = 0
 
     # -- the jitted step ------------------------------------------------------------------------
-    def _forward_fn(self, params, kv, input_ids, positions, meta: AttentionMetadata, logits_indices,
-                    last_token, src_slot, *, backend: AttentionBackend):
+    def _forward_fn(self, params, kv, packed, last_token, *, t: int, s: int,
+                    backend: AttentionBackend):
+        input_ids, positions, meta, logits_indices, src_slot = unpack_forward(
+            packed, t, s, self.max_blocks_per_seq)
         # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
         input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
 
@@ -136,7 +139,8 @@ class ModelRunner:
             logits = jax.lax.with_sharding_constraint(logits, self._replicated)
         return logits, kv
 
-    def _sample_fn(self, logits, sstate, st: SamplingTensors, *, mode: str):
+    def _sample_fn(self, logits, sstate, packed, *, mode: str):
+        st = unpack_sampling(packed, logits.shape[0])
         tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st, mode)
         if self._replicated is not None:
             sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
@@ -144,20 +148,21 @@ class ModelRunner:
 
     def lower(self, num_tokens: int, num_seqs: int):
         """The lowered forward for one bucket (for HLO inspection)."""
-        ids, pos, meta, idx, _ = self._padding_inputs(num_tokens, num_seqs)
-        return self._step.lower(self.params, self.kv, ids, pos, meta, idx,
-                                self.sampler_state.last_token, _no_src(num_tokens))
+        packed, _ = self._padding_inputs(num_tokens, num_seqs)
+        return self._step.lower(self.params, self.kv, packed, self.sampler_state.last_token,
+                                t=num_tokens, s=num_seqs)
 
     def lower_sampler(self, num_seqs: int, mode: str = "full"):
-        st = self._padding_inputs(num_seqs, num_seqs)[-1]
+        packed = self._padding_inputs(num_seqs, num_seqs)[-1]
         logits = jax.ShapeDtypeStruct((num_seqs, self.cfg.vocab_size), np.float32)
-        return self._sample[mode].lower(logits, self.sampler_state, st)
+        return self._sample[mode].lower(logits, self.sampler_state, packed)
 
-    def _padding_inputs(self, t: int, s: int):
+    def _padding_inputs(self, t: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Packed inputs of an all-padding step: (forward int32, sampler int32)."""
         meta, pos = build_metadata([], block_size=self.block_size, num_tokens=t, num_seqs=s,
                                    max_blocks_per_seq=self.max_blocks_per_seq)
-        st = SamplingTensors(**SamplingTensors.host(s))
-        return np.zeros(t, np.int32), pos, meta, np.zeros(s, np.int32), st
+        fwd = pack_forward(np.zeros(t, np.int32), pos, meta, np.zeros(s, np.int32), _no_src(t))
+        return fwd, pack_sampling(SamplingTensors.host(s))
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every bucket now (padding-only steps write to the null page only)."""
@@ -173,10 +178,10 @@ class ModelRunner:
             # context (the first run of a shard_map'd kernel can); then the recompiles happen
             # here, not later.
             for kind, fn, t, s in it:
-                ids, pos, meta, idx, st = self._padding_inputs(t, s)
+                fwd, st = self._padding_inputs(t, s)
                 if kind == "forward":
-                    out, self.kv = fn(self.params, self.kv, ids, pos, meta, idx,
-                                      self.sampler_state.last_token, _no_src(t))
+                    out, self.kv = fn(self.params, self.kv, fwd, self.sampler_state.last_token,
+                                      t=t, s=s)
                 else:
                     # as the forward hands them over: uncommitted on one device, replicated
                     # over a mesh (another input sharding would compile another executable)
@@ -267,12 +272,12 @@ class ModelRunner:
             rows["presence"][i] = p.presence_penalty
             rows["frequency"][i] = p.frequency_penalty
             rows["repetition"][i] = p.repetition_penalty
-        st = SamplingTensors(**rows)
-        logits, self.kv = step(self.params, self.kv, ids, positions, meta, logits_idx,
-                               self.sampler_state.last_token, src)
+        logits, self.kv = step(self.params, self.kv, pack_forward(ids, positions, meta, logits_idx, src),
+                               self.sampler_state.last_token, t=t, s=s)
         mode = sampler_mode([(p.temperature, p.top_k, p.top_p, p.logprobs is not None)
                              for p in (self._sampling[q.request_id] for q in out.seqs)])
-        result, self.sampler_state = self._sample[mode](logits, self.sampler_state, st)
+        result, self.sampler_state = self._sample[mode](logits, self.sampler_state,
+                                                        pack_sampling(rows))
         self.num_steps += 1
         return out, result
 
