@@ -150,13 +150,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
                    "(also read from $JAXSERVE_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    _add_engine_args(p)
     p.add_argument("--chat-template", default=None, help="a Jinja template file or string")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="allow requests to carry their own chat_template")
@@ -165,10 +159,6 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to let in-flight requests finish on SIGTERM")
     p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
     p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 (tensor parallel over the "
-                   "first 2 devices) or dp=2,tp=2 (two replicas of tp=2)")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--compilation-cache-dir", default="auto")
     p.add_argument("--uvicorn-log-level", default="warning")
     p.add_argument("--coordinator-address", default=None,
                    help="multi-host: HOST:PORT of process 0 (jax.distributed); the mesh then spans "
@@ -185,7 +175,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 (tensor parallel over the "
+                   "first 2 devices) or dp=2,tp=2 (two replicas of tp=2)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--compilation-cache-dir", default="auto")
 
