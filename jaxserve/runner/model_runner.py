@@ -256,6 +256,8 @@ class ModelRunner:
             if q.token_ids[-1] == PLACEHOLDER:   # only ever the last token fed
                 ids[off + n - 1] = 0
                 src[off + n - 1] = self._slot[q.request_id]
+                if PLACEHOLDER in q.token_ids[:-1]:
+                    raise RuntimeError(f"{q.request_id}: a placeholder token before the last one")
             off += n
             logits_idx[i] = off - 1
             rid = q.request_id
