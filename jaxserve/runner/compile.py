@@ -64,5 +64,6 @@ def enable_persistent_cache(cache_dir: str | None = "auto") -> str | None:
     path = default_cache_dir() if cache_dir == "auto" else cache_dir
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # every executable, however quick to compile: a warm start then compiles nothing
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path

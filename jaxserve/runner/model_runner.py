@@ -83,7 +83,8 @@ class ModelRunner:
         self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
         self._set_slot = set_slot if rep is None else jax.jit(_set_slot, donate_argnums=(0,),
                                                               out_shardings=rep)
-        self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
+        all_buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
+        self.buckets = all_buckets
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
                         else attention_backend)
         self._step = jax.jit(functools.partial(self._forward_fn, backend=self.backend),
@@ -96,7 +97,10 @@ class ModelRunner:
         if decode_backend is not None:
             self._step_decode = jax.jit(functools.partial(self._forward_fn, backend=decode_backend),
                                         donate_argnums=(1,), static_argnames=("t", "s"))
-            self.decode_buckets = sorted({(s, s) for _, s in self.buckets})
+            self.decode_buckets = sorted({(s, s) for _, s in all_buckets})
+            # every all-decode step has its own variant, so the general one (steps with prefill)
+            # starts at 16 tokens: four fewer executables to compile, padding that costs ~nothing
+            self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs, token_floor=16)
         # NOTE: sampling is its own executable per (rows, mode): the host picks the cheapest mode
         # for the batch, so the forward holds no data-dependent branch (an XLA conditional on the
         # GPU reads its predicate back to the host and stalls the launch queue every step).
