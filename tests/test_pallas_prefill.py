@@ -73,6 +73,15 @@ def test_prefill_kernel_bf16_head_dim_128_page_64():
                                rtol=_tol(jnp.bfloat16), atol=_tol(jnp.bfloat16))
 
 
+def test_prefill_kernel_page_128_crossing_pages():
+    rng = np.random.default_rng(12)
+    args = _case(rng, 4, 2, 64, 128, [(120, 20), (0, 5), (255, 1)])
+    want = paged_prefill_reference(*args, scale=0.125)
+    got = paged_prefill_attention(*args, scale=0.125, pages_per_block=1, interpret=not ON_GPU)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=_tol(jnp.float32),
+                               atol=_tol(jnp.float32))
+
+
 def test_prefill_kernel_window_and_softcap():
     rng = np.random.default_rng(3)
     args = _case(rng, 8, 2, 64, 16, [(20, 25), (0, 9), (40, 1)])
