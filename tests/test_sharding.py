@@ -110,3 +110,68 @@ def test_rules_table():
     import numpy as np
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("dp", "tp"))
     assert spec_for(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == P(None, "tp", None)
+
+
+def test_multi_host_server_two_processes(smollm, tmp_path):
+    """`jaxserve serve` as a 2-process job (loopback, one CPU device each, tp=2 across them):
+    process 0 answers over HTTP with the one-device tokens; SIGTERM on it releases the follower
+    and both exit 0."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.loading.orbax_io import save_orbax
+    from tests.server_fixtures import tiny_chat_model
+
+    lm = tiny_chat_model(smollm.tokenizer)
+    model_dir = save_orbax(lm.model, lm.hf_config, str(tmp_path / "tiny"), tokenizer=lm.tokenizer)
+    engine_flags = ["--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens",
+                    "32", "--num-kv-blocks", "64"]
+    want = LLM(model_dir, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32,
+               num_kv_blocks=64, compilation_cache_dir=None, show_progress=False).generate(
+        {"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0.0, max_tokens=8),
+        use_tqdm=False)[0].outputs[0].text
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    http_port, coord_port = ports
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_dir, "--port",
+         str(http_port), "--mesh", "tp=2", "--compilation-cache-dir", "", *engine_flags,
+         "--coordinator-address", f"127.0.0.1:{coord_port}", "--num-processes", "2",
+         "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for i in (0, 1)]
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert all(p.poll() is None for p in procs), [p.stdout.read() for p in procs if p.poll() is not None]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the leader never became ready"
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": model_dir, "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=120) == 0
+        assert procs[1].wait(timeout=120) == 0
+        assert "leader stopped" in procs[1].stdout.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
