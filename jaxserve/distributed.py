@@ -90,7 +90,10 @@ def attach(engine) -> StepBroadcast | None:
 
 def follow(engine) -> int:
     """Follower loop: replay the leader's steps until STOP. Returns the number of steps run."""
-    bc: StepBroadcast = engine.broadcast
+    bc: StepBroadcast | None = getattr(engine, "broadcast", None)
+    if bc is None or is_leader():
+        raise RuntimeError("follow() runs on processes other than 0 of a multi-process job "
+                           "(jax.distributed); process 0 calls generate() and shutdown()")
     steps = 0
     last = None
     while True:
