@@ -28,6 +28,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, procs, timeout: float = 240.0) -> None:
+    """Poll `url`/health until 200, failing early (with their output) if a process exits."""
+    import httpx
+    deadline = time.time() + timeout
+    while True:
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, [p.stdout.read() for p in dead]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "the server never became ready"
+        time.sleep(0.5)
+
+
 def tiny_chat_model(tokenizer) -> LoadedModel:
     lm = tiny_loaded(seed=21, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     return LoadedModel(lm.model, lm.config, lm.hf_config, tokenizer, "tiny-chat", lm.dtype)

@@ -6,28 +6,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
+from tests.kernel_cases import paged_cache
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = 2e-2 if ON_GPU else 2e-5  # the GPU kernel's fp32 dots may run as TF32
 
 
-def _case(rng, s, n, k, h, b, lens, pages=None, dtype=np.float32):
-    m = max(1, -(-max(lens) // b))
-    pages = pages or (s * m + 3)
-    kc = np.full((pages, b, k, h), np.nan, np.float32)   # unused pages/slots are NaN
-    vc = np.full((pages, b, k, h), np.nan, np.float32)
-    kc[0] = 0.0  # the null page: finite garbage in practice
-    vc[0] = 0.0
-    perm = rng.permutation(np.arange(1, pages))            # shuffled page tables
-    tables = np.zeros((s, m), np.int32)
-    used = 0
-    for i, length in enumerate(lens):
-        need = -(-length // b)
-        tables[i, :need] = perm[used : used + need]
-        used += need
-        for t in range(length):
-            kc[tables[i, t // b], t % b] = rng.normal(size=(k, h))
-            vc[tables[i, t // b], t % b] = rng.normal(size=(k, h))
+def _case(rng, s, n, k, h, b, lens, dtype=np.float32):
+    kc, vc, tables = paged_cache(rng, lens, k, h, b, spare_pages=3)
     q = rng.normal(size=(s, n, h)).astype(np.float32)
     cast = lambda x: jnp.asarray(x, dtype)
     return cast(q), cast(kc), cast(vc), jnp.asarray(tables), jnp.asarray(np.array(lens, np.int32))

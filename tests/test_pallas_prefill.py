@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels.paged_prefill import (paged_prefill_attention, paged_prefill_reference,
                                           prefill_flops, work_items)
+from tests.kernel_cases import paged_cache
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -22,22 +23,7 @@ def _case(rng, n, k, h, b, seqs, pad_tokens=3, dtype=jnp.float32):
     """seqs: (cached tokens, new tokens) per sequence. K/V of every token (new ones included) are
     in the cache, as after the engine's write; unused slots hold NaN."""
     lens = [c + x for c, x in seqs]
-    m = max(1, -(-max(lens) // b))
-    pages = len(seqs) * m + 2
-    kc = np.full((pages, b, k, h), np.nan, np.float32)
-    vc = np.full((pages, b, k, h), np.nan, np.float32)
-    kc[0] = 0.0
-    vc[0] = 0.0
-    perm = rng.permutation(np.arange(1, pages))
-    tables = np.zeros((len(seqs), m), np.int32)
-    used = 0
-    for i, length in enumerate(lens):
-        need = -(-length // b)
-        tables[i, :need] = perm[used : used + need]
-        used += need
-        for t in range(length):
-            kc[tables[i, t // b], t % b] = rng.normal(size=(k, h))
-            vc[tables[i, t // b], t % b] = rng.normal(size=(k, h))
+    kc, vc, tables = paged_cache(rng, lens, k, h, b)
     qsl = np.concatenate([[0], np.cumsum([x for _, x in seqs])]).astype(np.int32)
     t = int(qsl[-1]) + pad_tokens
     q = rng.normal(size=(t, n, h)).astype(np.float32)

@@ -18,7 +18,7 @@ from jaxserve.server.app import build_app
 from jaxserve.server.launch import JaxServer
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.serving import ServerState
-from tests.server_fixtures import LiveServer, free_port, tiny_chat_model
+from tests.server_fixtures import LiveServer, free_port, tiny_chat_model, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,16 +60,7 @@ def test_sigterm_drains_inflight_streams_and_exits_0(smollm, tmp_path):
          "--shutdown-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server never became ready"
-            time.sleep(0.5)
+        wait_healthy(url, [proc])
 
         results, started = [], threading.Barrier(5)
 

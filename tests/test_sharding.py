@@ -81,10 +81,8 @@ def test_kv_heads_split_when_divisible_else_replicated(tp_results):
 
 
 def test_tp_mesh_spanning_two_processes_equals_single_device(tp_results, tmp_path):
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.server_fixtures import free_port
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     worker = os.path.join(ROOT, "tests", "workers", "multihost_greedy.py")
@@ -117,14 +115,12 @@ def test_multi_host_server_two_processes(smollm, tmp_path):
     process 0 answers over HTTP with the one-device tokens; SIGTERM on it releases the follower
     and both exit 0."""
     import signal
-    import socket
-    import time
 
     import httpx
 
     from jaxserve import LLM, SamplingParams
     from jaxserve.loading.orbax_io import save_orbax
-    from tests.server_fixtures import tiny_chat_model
+    from tests.server_fixtures import free_port, tiny_chat_model, wait_healthy
 
     lm = tiny_chat_model(smollm.tokenizer)
     model_dir = save_orbax(lm.model, lm.hf_config, str(tmp_path / "tiny"), tokenizer=lm.tokenizer)
@@ -135,12 +131,7 @@ def test_multi_host_server_two_processes(smollm, tmp_path):
         {"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(temperature=0.0, max_tokens=8),
         use_tqdm=False)[0].outputs[0].text
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    http_port, coord_port = ports
+    http_port, coord_port = free_port(), free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen(
@@ -152,16 +143,7 @@ def test_multi_host_server_two_processes(smollm, tmp_path):
         for i in (0, 1)]
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            assert all(p.poll() is None for p in procs), [p.stdout.read() for p in procs if p.poll() is not None]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the leader never became ready"
-            time.sleep(0.5)
+        wait_healthy(url, procs, timeout=300)
         r = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": model_dir, "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text

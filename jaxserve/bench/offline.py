@@ -52,14 +52,19 @@ def _params(reqs: list[BenchRequest], args):
             for i, r in enumerate(reqs)]
 
 
-def run_throughput(args) -> dict[str, Any]:
+def _setup(args, num_prompts: int):
+    """Build the engine (timed) and the workload: (llm, start-up s, requests, prompts, params)."""
     t0 = time.perf_counter()
     llm = build_llm(args)
     startup = time.perf_counter() - t0
-    reqs = make_requests(args, llm, num_prompts=args.num_prompts, input_len=args.input_len,
+    reqs = make_requests(args, llm, num_prompts=num_prompts, input_len=args.input_len,
                          output_len=args.output_len)
-    params = _params(reqs, args)
     prompts = [{"prompt_token_ids": r.prompt_ids} for r in reqs]
+    return llm, startup, reqs, prompts, _params(reqs, args)
+
+
+def run_throughput(args) -> dict[str, Any]:
+    llm, startup, reqs, prompts, params = _setup(args, args.num_prompts)
     # a short warm-up so one-time host work (first transfers, allocator growth) is not timed
     llm.generate(prompts[: min(4, len(prompts))], params[: min(4, len(prompts))], use_tqdm=False)
     t = time.perf_counter()
@@ -83,13 +88,7 @@ def run_throughput(args) -> dict[str, Any]:
 def run_latency(args) -> dict[str, Any]:
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
-    llm = build_llm(args)
-    startup = time.perf_counter() - t0
-    reqs = make_requests(args, llm, num_prompts=args.batch_size, input_len=args.input_len,
-                         output_len=args.output_len)
-    params = _params(reqs, args)
-    prompts = [{"prompt_token_ids": r.prompt_ids} for r in reqs]
+    llm, startup, reqs, prompts, params = _setup(args, args.batch_size)
     for _ in tqdm(range(args.num_iters_warmup), desc="warm-up iterations", file=sys.stderr):
         llm.generate(prompts, params, use_tqdm=False)
     times = []

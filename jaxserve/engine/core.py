@@ -158,7 +158,6 @@ class EngineCore:
         self._rng = np.random.default_rng(config.seed)
         self._groups: dict[str, _Group] = {}
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
-        self._pending: tuple[list, dict, float] | None = None   # step outputs not yet processed
         self._inflight = None   # (SchedulerOutput, handle) of the dispatched, unfetched step
         # multi-host (jaxserve.distributed): the leader hands each step to the followers first
         self.step_listener = None
@@ -264,13 +263,6 @@ class EngineCore:
         return previous                                  # completed while this one runs
 
     def step_end(self, entry) -> list[RequestOutput]:
-        return self._complete(entry)
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._groups)
-
-    def _complete(self, entry) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs."""
         if entry is None:
             return []
@@ -282,17 +274,16 @@ class EngineCore:
             group_sample = self._sample_of.get(ns.request_id)
             if group_sample is not None and group_sample[0].scheduled_time is None:
                 group_sample[0].scheduled_time = now
-        self._pending = (events, sampled, now)
-        return self._process_pending()
+        return self._outputs(events, sampled, now)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups) or self._pending is not None or self._inflight is not None
+        return bool(self._groups) or self._inflight is not None
 
-    def _process_pending(self) -> list[RequestOutput]:
-        if self._pending is None:
-            return []
-        events, sampled, now = self._pending
-        self._pending = None
+    def _outputs(self, events, sampled: dict[str, Sampled], now: float) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
         for req, tok in events:
             if tok is None:

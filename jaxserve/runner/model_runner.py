@@ -173,14 +173,13 @@ class ModelRunner:
         work = [("forward", self._step, t, s) for t, s in self.buckets] + [
             ("forward", self._step_decode, t, s) for t, s in self.decode_buckets] + [
             ("sample", self._sample[m], s, s) for s in self.sample_sizes for m in SAMPLER_MODES]
-        it: Iterable = work
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(work, desc="compiling step buckets", unit="shape", file=sys.stderr)
-        for _ in range(2):
-            # NOTE: the second pass only executes, unless the first pass changed JAX's tracing
-            # context (the first run of a shard_map'd kernel can); then the recompiles happen
-            # here, not later.
+        # NOTE: a second pass only executes, unless the first pass changed JAX's tracing context
+        # (the first run of a shard_map'd kernel can); then the recompiles happen here, not later.
+        for first in (True, False):
+            it: Iterable = work
+            if first and progress:
+                from tqdm import tqdm
+                it = tqdm(work, desc="compiling step buckets", unit="shape", file=sys.stderr)
             for kind, fn, t, s in it:
                 fwd, st = self._padding_inputs(t, s)
                 if kind == "forward":
@@ -193,9 +192,8 @@ class ModelRunner:
                     if self._replicated is not None:
                         logits = jax.device_put(logits, self._replicated)
                     out, self.sampler_state = fn(logits, self.sampler_state, st)
-                if it is not work:
+                if first:
                     jax.block_until_ready(out)
-            it = work
         jax.block_until_ready(out)
         empty = np.zeros(self.cfg.vocab_size, np.int32)
         self.sampler_state = self._set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
