@@ -5,9 +5,9 @@ Mesh axes: `dp` (data parallel replicas) and `tp` (tensor parallel). `--mesh tp=
 Parameters carry logical axes by name (below); `RULES` maps logical axes to mesh axes. Column-
 parallel q/k/v/gate/up (output features over tp), row-parallel o/down (input features over tp),
 vocab-parallel embedding and LM head. A dimension that tp does not divide is replicated instead
-(NOTE: this is the rule for tp > num_kv_heads: k/v projections and the KV cache are then replicated
-on every tp shard, while q heads stay split). The KV cache is split over kv heads like k/v.
-Everything else (activations, attention inside the jitted step) is left to XLA's sharding
+(NOTE: this is the rule for tp > num_kv_heads: the fused q/k/v projection and the KV cache are then
+replicated on every tp shard, while the o projection stays split over q heads). The KV cache is
+split over kv heads like k/v. Everything else (activations, attention inside the jitted step) is left to XLA's sharding
 propagation from these placements.
 """
 
@@ -30,10 +30,10 @@ RULES: dict[str, str | None] = {
 # parameter leaf name -> logical axes of its dimensions
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"), "lm_head": ("vocab", "embed"),
-    "wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
-    "wv": ("embed", "kv_heads", "head_dim"), "wo": ("heads", "head_dim", "embed"),
-    "bq": ("heads", "head_dim"), "bk": ("kv_heads", "head_dim"), "bv": ("kv_heads", "head_dim"),
-    "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    # fused q/k/v [D, K, G+2, H]: split over kv heads, each shard keeps its kv heads' q heads
+    "wqkv": ("embed", "kv_heads", None, "head_dim"), "bqkv": ("kv_heads", None, "head_dim"),
+    "wo": ("heads", "head_dim", "embed"),
+    "w_gate_up": ("embed", None, "mlp"), "w_down": ("mlp", "embed"),
     "scale": ("norm",),
 }
 

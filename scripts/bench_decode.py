@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--no-step-time", action="store_true")
     ap.add_argument("--compare-async", action="store_true",
                     help="also run with async scheduling off (the synchronous loop), in the same run")
+    ap.add_argument("--compilation-cache-dir", default=None,
+                    help="persistent compilation cache (default: none, a cold start)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_backend=args.attention_backend, compilation_cache_dir=None, mesh=args.mesh)
+              attention_backend=args.attention_backend, mesh=args.mesh,
+              compilation_cache_dir=args.compilation_cache_dir)
     startup = time.perf_counter() - t0
     cfg = llm.loaded.config
     weight_bytes = cfg.num_params() * 2
@@ -88,11 +91,12 @@ def main() -> None:
         rows.append(row)
     step_times = {}
     runner = llm.engine.runner
-    variants = [] if args.no_step_time else [("general", runner._step)] + (
-        [("decode", runner._step_decode)] if runner._step_decode is not None else [])
-    for label, fn in variants:
+    variants = [] if args.no_step_time else ["forward", "decode"]
+    for label in variants:
         for b in args.batches:
-            if (b, b) not in runner.buckets and (b, b) not in runner.decode_buckets:
+            fn = runner._exec.get((label, b, b))
+            sample = runner._exec.get(("sample", "greedy", b))
+            if fn is None or sample is None:
                 continue
             fwd, st = runner._padding_inputs(b, b)
             times = []
@@ -100,9 +104,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 for _ in range(20):  # device time of one padded step, dispatched back to back
                     logits, runner.kv = fn(runner.params, runner.kv, fwd,
-                                           runner.sampler_state.last_token, t=b, s=b)
-                    res, runner.sampler_state = runner._sample["greedy"](
-                        logits, runner.sampler_state, st)
+                                           runner.sampler_state.last_token)
+                    res, runner.sampler_state = sample(logits, runner.sampler_state, st)
                 jax.block_until_ready(res)
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
@@ -114,6 +117,10 @@ def main() -> None:
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "
           f"{stats['compiles_after_warmup']}")
+    ws = runner.warmup_seconds
+    print(f"warm-up: {ws['executables']} executables; trace+lower {ws['trace_lower']:.1f}s, "
+          f"compile {ws['compile']:.1f}s on {ws['compile_threads']} threads, first runs "
+          f"{ws['first_run']:.1f}s")
     print(f"{'batch':>6} {'async':>8} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
     for r in rows:
         pct = f"{r['pct_of_roofline']:.1f}" if "pct_of_roofline" in r else "-"
@@ -121,7 +128,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "ceiling_tbs": ceiling,
-                       "startup_s": startup, "rows": rows, "stats": stats}, f, indent=2)
+                       "startup_s": startup, "warmup": runner.warmup_seconds, "rows": rows,
+                       "step_times_s": step_times, "stats": stats}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -124,13 +124,13 @@ def main() -> None:
         model = nnx.merge(runner.graphdef, params)
         for layer in model.layers:
             a = layer.attn
-            q = jnp.einsum("TD,DNH->TNH", x, a.wq[...])
-            k = jnp.einsum("TD,DKH->TKH", x, a.wk[...])
-            v = jnp.einsum("TD,DKH->TKH", x, a.wv[...])
-            o = jnp.einsum("TNH,NHD->TD", q, a.wo[...]) + (k.sum() + v.sum()).astype(x.dtype)
+            qkv = jnp.einsum("TD,DKCH->TKCH", x, a.wqkv[...])
+            g = qkv.shape[2] - 2
+            q = qkv[:, :, :g].reshape(qkv.shape[0], -1, qkv.shape[-1])
+            o = jnp.einsum("TNH,NHD->TD", q, a.wo[...]) + qkv[:, :, g:].sum().astype(x.dtype)
             m = layer.mlp
-            g = jnp.einsum("TD,DF->TF", o, m.w_gate[...]) * jnp.einsum("TD,DF->TF", o, m.w_up[...])
-            x = jnp.einsum("TF,FD->TD", g, m.w_down[...])
+            gu = jnp.einsum("TD,DCF->TCF", o, m.w_gate_up[...])
+            x = jnp.einsum("TF,FD->TD", gu[:, 0] * gu[:, 1], m.w_down[...])
         return model.compute_logits(x)
 
     rng = np.random.default_rng(0)

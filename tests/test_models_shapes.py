@@ -29,10 +29,11 @@ def test_eval_shape_full_size(name):
 
 def test_qwen_shapes_have_bias_and_norms():
     q2 = abstract_model(preset_config("qwen2.5-7b"))
-    assert q2.layers[0].attn.bq.shape == (28, 128) and q2.layers[0].attn.bk.shape == (4, 128)
+    assert q2.layers[0].attn.bqkv.shape == (4, 7 + 2, 128)   # K, G+2, H
+    assert q2.layers[0].attn.wqkv.shape == (3584, 4, 7 + 2, 128)
     q3 = abstract_model(preset_config("qwen3-8b"))
     assert q3.layers[0].attn.q_norm.scale.shape == (128,)
-    assert not hasattr(q3.layers[0].attn, "bq")
+    assert not hasattr(q3.layers[0].attn, "bqkv")
 
 
 def test_unknown_architecture_lists_supported():

@@ -47,7 +47,9 @@ def test_tensor_parallel_greedy_equals_single_device(tp_results, family):
         r = tp_results[f"{family}/{mesh}"]
         assert r["tokens"] == base and r["tokens_again"] == base, mesh
         assert r["compiles_after_warmup"] == 0
-        assert "'tp'" in r["wq_spec"]  # q heads are split over tp
+        assert "'tp'" in r["wo_spec"]  # the o projection is split over q heads
+        # fused q/k/v split over kv heads where tp divides them, else replicated
+        assert ("'tp'" in r["wqkv_spec"]) == r["spmd"], mesh
 
 
 def test_explicit_spmd_when_tp_splits_q_and_kv_heads(tp_results):
@@ -95,7 +97,7 @@ def test_tp_mesh_spanning_two_processes_equals_single_device(tp_results, tmp_pat
     res = json.loads([x for x in outs[0][0].splitlines() if x.startswith("RESULT ")][-1][7:])
     base = tp_results["llama_kv2/None"]
     assert res["tokens"] == base["tokens"] and res["seeded"] == base["seeded"]
-    assert res["spans_processes"] and res["spmd"] and "'tp'" in res["wq_spec"]
+    assert res["spans_processes"] and res["spmd"] and "'tp'" in res["wqkv_spec"]
     assert res["compiles_after_warmup"] == 0
     followed = [x for x in outs[1][0].splitlines() if x.startswith("FOLLOWED ")]
     assert followed and int(followed[-1].split()[1]) > 0

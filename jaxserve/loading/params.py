@@ -2,7 +2,8 @@
 
 The model skeleton comes from `nnx.eval_shape` (no memory). Each incoming tensor is looked up in the
 family's `hf_weight_map`, shape-checked, converted to our layout on the host, placed on its device
-(or its shards) and cast there to the target dtype; then the host copy is dropped. Unknown names,
+(or its shards) and cast there to the target dtype; then the host copy is dropped. A fused parameter
+(q/k/v, gate/up) is assembled on the host from its parts and placed once its last part arrives. Unknown names,
 duplicates, shape mismatches and missing tensors raise `WeightLoadError` naming file and tensor.
 """
 
@@ -51,6 +52,11 @@ def model_from_tensors(cfg: ModelConfig, tensors: TensorStream, *, dtype=jnp.bfl
     pure = nnx.to_pure_dict(state)
     wmap = cls.hf_weight_map(cfg)
     done: dict[str, str] = {}
+    parts_left: dict[tuple, int] = {}
+    for spec in wmap.values():
+        if spec.index is not None:
+            parts_left[spec.path] = parts_left.get(spec.path, 0) + 1
+    assembling: dict[tuple, np.ndarray] = {}   # fused parameter -> host buffer being filled
     bar = None
     if progress:
         import sys
@@ -73,12 +79,22 @@ def model_from_tensors(cfg: ModelConfig, tensors: TensorStream, *, dtype=jnp.bfl
                 raise WeightLoadError(f"unexpected dtype {arr.dtype}", file=file, tensor=name)
         target = _get(pure, spec.path)
         host = spec.convert(np.asarray(arr))
-        assert host.shape == target.shape, (name, host.shape, target.shape)
-        sharding = shardings(spec.path, target.shape) if shardings else None
-        _set(pure, spec.path, place(host, dtype, sharding))
         done[name] = file
         if bar is not None:
             bar.update(1)
+        if spec.index is not None:
+            buf = assembling.get(spec.path)
+            if buf is None:
+                buf = assembling[spec.path] = np.zeros(target.shape, host.dtype)
+            assert buf[spec.index].shape == host.shape, (name, host.shape, buf[spec.index].shape)
+            buf[spec.index] = host
+            parts_left[spec.path] -= 1
+            if parts_left[spec.path]:
+                continue
+            host = assembling.pop(spec.path)
+        assert host.shape == target.shape, (name, host.shape, target.shape)
+        sharding = shardings(spec.path, target.shape) if shardings else None
+        _set(pure, spec.path, place(host, dtype, sharding))
     if bar is not None:
         bar.close()
     missing = [n for n in wmap if n not in done]

@@ -5,8 +5,9 @@ explicit `positions` [T]. Attention goes through an `AttentionBackend` over the 
 same forward serves a single-sequence generate, the engine's mixed prefill/decode steps and a user's
 own `jax.jit`. Einsum letters are listed in docs/GLOSSARY.md.
 
-Weights keep an explicit head layout ([D, N, H] for q, [N, H, D] for o) so sharding rules can name
-the head axis; the loaders convert Hugging Face's [out, in] matrices once at load time.
+Weights keep an explicit head layout (fused q/k/v [D, K, G+2, H], o [N, H, D]) so sharding rules
+can name the head axis; the loaders convert and fuse Hugging Face's [out, in] matrices once at load
+time (`hf_weight_map`).
 
 Tensor parallelism (Megatron style): called inside `jax.shard_map` with `tp_axis` set, every
 module sees its local shard of the weights and adds the collectives itself: a psum after the row-
@@ -17,6 +18,7 @@ runs unsplit (tp_axis=None, or a dimension the rules replicate).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -77,17 +79,21 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 class Attention(nnx.Module):
+    """Self-attention with one fused q/k/v weight.
+
+    `wqkv` is [D, K, G+2, H] (DKCH): for each kv head, its G = N/K query heads, then its key and its
+    value head. One projection instead of three (the small k/v GEMVs alone ran far below the memory
+    bandwidth), and a tp split over K keeps each shard's q heads with their kv head.
+    """
+
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.wq = nnx.Param(_normal(rngs, (d, n, h), dtype))   # DNH
-        self.wk = nnx.Param(_normal(rngs, (d, k, h), dtype))   # DKH
-        self.wv = nnx.Param(_normal(rngs, (d, k, h), dtype))   # DKH
-        self.wo = nnx.Param(_normal(rngs, (n, h, d), dtype))   # NHD
+        g = n // k
+        self.wqkv = nnx.Param(_normal(rngs, (d, k, g + 2, h), dtype))   # DKCH
+        self.wo = nnx.Param(_normal(rngs, (n, h, d), dtype))             # NHD
         self.qkv_bias = cfg.qkv_bias
         if cfg.qkv_bias:
-            self.bq = nnx.Param(jnp.zeros((n, h), dtype))
-            self.bk = nnx.Param(jnp.zeros((k, h), dtype))
-            self.bv = nnx.Param(jnp.zeros((k, h), dtype))
+            self.bqkv = nnx.Param(jnp.zeros((k, g + 2, h), dtype))       # KCH
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
@@ -99,11 +105,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, positions: Array, cache: LayerCache, meta: AttentionMetadata,
                  backend: AttentionBackend, tp_axis: str | None = None) -> tuple[Array, LayerCache]:
-        q = jnp.einsum("TD,DNH->TNH", x, self.wq[...])
-        k = jnp.einsum("TD,DKH->TKH", x, self.wk[...])
-        v = jnp.einsum("TD,DKH->TKH", x, self.wv[...])
+        qkv = jnp.einsum("TD,DKCH->TKCH", x, self.wqkv[...])
         if self.qkv_bias:
-            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            qkv = qkv + self.bqkv[...]
+        g = qkv.shape[2] - 2
+        q = qkv[:, :, :g].reshape(qkv.shape[0], -1, self.head_dim)   # [T, N, H], head n = k*G + g
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]                          # [T, K, H]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(rope_inv_freq(self.head_dim, self.rope))
@@ -115,17 +122,17 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """SwiGLU with one fused gate/up weight `w_gate_up` [D, 2, F] (index 0 gate, 1 up)."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.w_gate = nnx.Param(_normal(rngs, (d, f), dtype))  # DF
-        self.w_up = nnx.Param(_normal(rngs, (d, f), dtype))    # DF
-        self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))  # FD
+        self.w_gate_up = nnx.Param(_normal(rngs, (d, 2, f), dtype))  # DCF
+        self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))        # FD
         self.intermediate_size = f
 
     def __call__(self, x: Array, tp_axis: str | None = None) -> Array:  # [T, D] -> [T, D]
-        gate = jnp.einsum("TD,DF->TF", x, self.w_gate[...])
-        up = jnp.einsum("TD,DF->TF", x, self.w_up[...])
-        y = jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.w_down[...])
+        gate_up = jnp.einsum("TD,DCF->TCF", x, self.w_gate_up[...])
+        y = jnp.einsum("TF,FD->TD", jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.w_down[...])
         return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp_axis)
 
 
@@ -141,6 +148,13 @@ class DecoderLayer(nnx.Module):
         x = x + h
         x = x + self.mlp(self.post_attn_norm(x), tp_axis)
         return x, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _run_layer(graphdef, state, x, positions, cache, meta, backend, tp_axis):
+    # NOTE: every layer has the same structure and shapes, so this is traced and lowered once per
+    # step shape and called L times (XLA inlines the calls): start-up traces one layer, not L.
+    return nnx.merge(graphdef, state)(x, positions, cache, meta, backend, tp_axis)
 
 
 class CausalLM(nnx.Module):
@@ -180,7 +194,8 @@ class CausalLM(nnx.Module):
             x = table[input_ids]
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
-            x, cache = layer(x, positions, cache, meta, backend, tp_axis)
+            graphdef, state = nnx.split(layer)
+            x, cache = _run_layer(graphdef, state, x, positions, cache, meta, backend, tp_axis)
             new_caches.append(cache)
         return self.norm(x), new_caches
 

@@ -21,6 +21,8 @@ class WeightSpec:
     path: tuple[str | int, ...]            # where the tensor goes in the model's parameter tree
     hf_shape: tuple[int, ...]              # the shape the checkpoint must have
     convert: Callable[[np.ndarray], np.ndarray]   # HF layout -> our layout
+    # for a fused parameter (several checkpoint tensors in one array): where this part goes
+    index: tuple | None = None
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -31,9 +33,10 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
-def _heads_in(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
-    # [n*h, D] (out, in) -> [D, n, h]
-    return lambda x: np.ascontiguousarray(x.reshape(n, h, x.shape[-1]).transpose(2, 0, 1))
+def _heads_in(*heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    # [prod(heads), D] (out, in) -> [D, *heads], e.g. q [K*G*H, D] -> [D, K, G, H]
+    return lambda x: np.ascontiguousarray(
+        x.reshape(*heads, x.shape[-1]).transpose(len(heads), *range(len(heads))))
 
 
 def _heads_out(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -41,13 +44,15 @@ def _heads_out(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: np.ascontiguousarray(x.reshape(x.shape[0], n, h).transpose(1, 2, 0))
 
 
-def _bias(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda x: x.reshape(n, h)
+def _bias(*heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: x.reshape(*heads)
 
 
 def hf_weight_map(cfg: ModelConfig) -> dict[str, WeightSpec]:
     d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, cfg.vocab_size)
+    g = n // k
+    every = slice(None)
     m: dict[str, WeightSpec] = {
         "model.embed_tokens.weight": WeightSpec(("embed",), (v, d), _identity),
         "model.norm.weight": WeightSpec(("norm", "scale"), (d,), _identity),
@@ -61,20 +66,26 @@ def hf_weight_map(cfg: ModelConfig) -> dict[str, WeightSpec]:
         m[p + "post_attention_layernorm.weight"] = WeightSpec(
             layer + ("post_attn_norm", "scale"), (d,), _identity)
         a = p + "self_attn."
-        m[a + "q_proj.weight"] = WeightSpec(layer + ("attn", "wq"), (n * h, d), _heads_in(n, h))
-        m[a + "k_proj.weight"] = WeightSpec(layer + ("attn", "wk"), (k * h, d), _heads_in(k, h))
-        m[a + "v_proj.weight"] = WeightSpec(layer + ("attn", "wv"), (k * h, d), _heads_in(k, h))
+        # q/k/v fused as [D, K, G+2, H]: query head k*G + j at [:, k, j], key k at [:, k, G],
+        # value k at [:, k, G+1] (the biases likewise without D)
+        wqkv = layer + ("attn", "wqkv")
+        m[a + "q_proj.weight"] = WeightSpec(wqkv, (n * h, d), _heads_in(k, g, h),
+                                            (every, every, slice(0, g)))
+        m[a + "k_proj.weight"] = WeightSpec(wqkv, (k * h, d), _heads_in(k, h), (every, every, g))
+        m[a + "v_proj.weight"] = WeightSpec(wqkv, (k * h, d), _heads_in(k, h), (every, every, g + 1))
         m[a + "o_proj.weight"] = WeightSpec(layer + ("attn", "wo"), (d, n * h), _heads_out(n, h))
         if cfg.qkv_bias:
-            m[a + "q_proj.bias"] = WeightSpec(layer + ("attn", "bq"), (n * h,), _bias(n, h))
-            m[a + "k_proj.bias"] = WeightSpec(layer + ("attn", "bk"), (k * h,), _bias(k, h))
-            m[a + "v_proj.bias"] = WeightSpec(layer + ("attn", "bv"), (k * h,), _bias(k, h))
+            bqkv = layer + ("attn", "bqkv")
+            m[a + "q_proj.bias"] = WeightSpec(bqkv, (n * h,), _bias(k, g, h), (every, slice(0, g)))
+            m[a + "k_proj.bias"] = WeightSpec(bqkv, (k * h,), _bias(k, h), (every, g))
+            m[a + "v_proj.bias"] = WeightSpec(bqkv, (k * h,), _bias(k, h), (every, g + 1))
         if cfg.qk_norm:
             m[a + "q_norm.weight"] = WeightSpec(layer + ("attn", "q_norm", "scale"), (h,), _identity)
             m[a + "k_norm.weight"] = WeightSpec(layer + ("attn", "k_norm", "scale"), (h,), _identity)
         mlp = p + "mlp."
-        m[mlp + "gate_proj.weight"] = WeightSpec(layer + ("mlp", "w_gate"), (f, d), _transpose)
-        m[mlp + "up_proj.weight"] = WeightSpec(layer + ("mlp", "w_up"), (f, d), _transpose)
+        gate_up = layer + ("mlp", "w_gate_up")    # [D, 2, F]: gate at [:, 0], up at [:, 1]
+        m[mlp + "gate_proj.weight"] = WeightSpec(gate_up, (f, d), _transpose, (every, 0))
+        m[mlp + "up_proj.weight"] = WeightSpec(gate_up, (f, d), _transpose, (every, 1))
         m[mlp + "down_proj.weight"] = WeightSpec(layer + ("mlp", "w_down"), (d, f), _transpose)
     return m
 

@@ -111,6 +111,8 @@ class ModelRunner:
         self._slot: dict[str, int] = {}
         self._seed: dict[str, int] = {}
         self._sampling: dict[str, SamplingParams] = {}
+        self._exec: dict[tuple, object] = {}   # filled by warmup(): key -> compiled executable
+        self.warmup_seconds: dict[str, float] = {}
         self.compile_counter = CompileCounter()
         self.num_steps = 0
 
@@ -168,37 +170,82 @@ class ModelRunner:
         fwd = pack_forward(np.zeros(t, np.int32), pos, meta, np.zeros(s, np.int32), _no_src(t))
         return fwd, pack_sampling(SamplingTensors.host(s))
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket now (padding-only steps write to the null page only)."""
-        work = [("forward", self._step, t, s) for t, s in self.buckets] + [
-            ("forward", self._step_decode, t, s) for t, s in self.decode_buckets] + [
-            ("sample", self._sample[m], s, s) for s in self.sample_sizes for m in SAMPLER_MODES]
-        # NOTE: a second pass only executes, unless the first pass changed JAX's tracing context
-        # (the first run of a shard_map'd kernel can); then the recompiles happen here, not later.
-        for first in (True, False):
-            it: Iterable = work
-            if first and progress:
-                from tqdm import tqdm
-                it = tqdm(work, desc="compiling step buckets", unit="shape", file=sys.stderr)
-            for kind, fn, t, s in it:
-                fwd, st = self._padding_inputs(t, s)
-                if kind == "forward":
-                    out, self.kv = fn(self.params, self.kv, fwd, self.sampler_state.last_token,
-                                      t=t, s=s)
-                else:
-                    # as the forward hands them over: uncommitted on one device, replicated
-                    # over a mesh (another input sharding would compile another executable)
-                    logits = np.zeros((s, self.cfg.vocab_size), np.float32)
-                    if self._replicated is not None:
-                        logits = jax.device_put(logits, self._replicated)
-                    out, self.sampler_state = fn(logits, self.sampler_state, st)
-                if first:
-                    jax.block_until_ready(out)
-        jax.block_until_ready(out)
+    def _warmup_work(self) -> list[tuple[tuple, object, tuple, dict]]:
+        """(key, jitted function, example arguments, static arguments) for every executable a step
+        can need."""
+        work = []
+        variants = [("forward", self._step, self.buckets),
+                    ("decode", self._step_decode, self.decode_buckets)]
+        for kind, fn, buckets in variants:
+            for t, s in buckets:
+                fwd, _ = self._padding_inputs(t, s)
+                work.append(((kind, t, s), fn,
+                             (self.params, self.kv, fwd, self.sampler_state.last_token),
+                             {"t": t, "s": s}))
+        for s in self.sample_sizes:
+            # as the forward hands them over: uncommitted on one device, replicated over a mesh
+            # (another input sharding would be another executable)
+            logits = jax.ShapeDtypeStruct((s, self.cfg.vocab_size), np.float32,
+                                          sharding=self._replicated)
+            st = self._padding_inputs(s, s)[-1]
+            for m in SAMPLER_MODES:
+                work.append((("sample", m, s), self._sample[m], (logits, self.sampler_state, st), {}))
+        return work
+
+    def warmup(self, progress: bool = True, compile_threads: int | None = None) -> None:
+        """Compile every executable a step can need, then run each once on padding.
+
+        Tracing and lowering are Python (serial); XLA compiles release the GIL, so they run on a
+        thread pool. Steps then dispatch these executables directly: serving cannot compile.
+        """
+        import concurrent.futures
+        import os
+        import time
+
+        work = self._warmup_work()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=2 * len(work), desc="compiling step executables", unit="step",
+                       file=sys.stderr)
+        t0 = time.perf_counter()
+        lowered = []
+        for key, fn, args, static in work:
+            lowered.append((key, fn.lower(*args, **static)))
+            if bar is not None:
+                bar.update()
+        t1 = time.perf_counter()
+        threads = (compile_threads or int(os.environ.get("JAXSERVE_COMPILE_THREADS", "0"))
+                   or max(1, min(8, (os.cpu_count() or 1) // 2)))
+
+        def compile_one(item):
+            key, low = item
+            return key, low.compile()
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for key, exe in pool.map(compile_one, lowered):
+                self._exec[key] = exe
+                if bar is not None:
+                    bar.update()
+        t2 = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        # one run each on padding (only the null page is written): loads the kernels
+        for key, _, args, _ in work:
+            if key[0] == "sample":
+                logits = np.zeros((key[2], self.cfg.vocab_size), np.float32)
+                if self._replicated is not None:
+                    logits = jax.device_put(logits, self._replicated)
+                _, self.sampler_state = self._exec[key](logits, self.sampler_state, args[2])
+            else:
+                _, self.kv = self._exec[key](self.params, self.kv, args[2], self.sampler_state.last_token)
         empty = np.zeros(self.cfg.vocab_size, np.int32)
         self.sampler_state = self._set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
                                       empty.astype(np.float32), empty.astype(bool))
-        jax.block_until_ready(self.sampler_state)
+        jax.block_until_ready((self.kv, self.sampler_state))
+        self.warmup_seconds = {"trace_lower": t1 - t0, "compile": t2 - t1,
+                               "first_run": time.perf_counter() - t2, "executables": len(work),
+                               "compile_threads": threads}
         self.compile_counter.mark_warm()
 
     # -- slots ----------------------------------------------------------------------------------
@@ -228,6 +275,17 @@ class ModelRunner:
         self._seed.pop(request_id, None)
         self._sampling.pop(request_id, None)
 
+    def _executable(self, key: tuple):
+        """The compiled executable for `key`; before `warmup()`, the jitted function (compiles on
+        first use)."""
+        exe = self._exec.get(key)
+        if exe is not None:
+            return exe
+        if key[0] == "sample":
+            return self._sample[key[1]]
+        fn = self._step if key[0] == "forward" else self._step_decode
+        return functools.partial(fn, t=key[1], s=key[2])
+
     # -- one step -------------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput):
         """Enqueue the step on the device and return at once (JAX dispatch is asynchronous)."""
@@ -237,11 +295,11 @@ class ModelRunner:
             self._admit(ns)
         if not out.seqs:
             return None
-        step = self._step
         if self._step_decode is not None and out.num_tokens == len(out.seqs):
-            step = self._step_decode   # every sequence feeds exactly one token
+            kind = "decode"   # every sequence feeds exactly one token
             t, s = pick_bucket(len(out.seqs), len(out.seqs), self.decode_buckets)
         else:
+            kind = "forward"
             t, s = pick_bucket(out.num_tokens, len(out.seqs), self.buckets)
         meta, positions = build_metadata(
             [(q.block_table, q.num_computed_tokens, len(q.token_ids)) for q in out.seqs],
@@ -276,12 +334,13 @@ class ModelRunner:
             rows["presence"][i] = p.presence_penalty
             rows["frequency"][i] = p.frequency_penalty
             rows["repetition"][i] = p.repetition_penalty
-        logits, self.kv = step(self.params, self.kv, pack_forward(ids, positions, meta, logits_idx, src),
-                               self.sampler_state.last_token, t=t, s=s)
+        logits, self.kv = self._executable((kind, t, s))(
+            self.params, self.kv, pack_forward(ids, positions, meta, logits_idx, src),
+            self.sampler_state.last_token)
         mode = sampler_mode([(p.temperature, p.top_k, p.top_p, p.logprobs is not None)
                              for p in (self._sampling[q.request_id] for q in out.seqs)])
-        result, self.sampler_state = self._sample[mode](logits, self.sampler_state,
-                                                        pack_sampling(rows))
+        result, self.sampler_state = self._executable(("sample", mode, s))(
+            logits, self.sampler_state, pack_sampling(rows))
         self.num_steps += 1
         return out, result
 

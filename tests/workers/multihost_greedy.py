@@ -23,7 +23,7 @@ sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 llm = LLM(tiny_loaded(seed=13), mesh="tp=2", max_model_len=64, max_num_seqs=4,
           max_num_batched_tokens=32, block_size=8, num_kv_blocks=40, compilation_cache_dir=None,
           show_progress=False)
-wq = llm.loaded.model.layers[0].attn.wq[...]
+wqkv = llm.loaded.model.layers[0].attn.wqkv[...]
 if jax.process_index() == 0:
     outs = llm.generate(prompts, sp, use_tqdm=False)
     seeded = llm.generate(prompts[:1], SamplingParams(temperature=0.8, seed=3, max_tokens=8),
@@ -32,7 +32,7 @@ if jax.process_index() == 0:
     print("RESULT " + json.dumps({
         "tokens": [o.outputs[0].token_ids for o in outs],
         "seeded": seeded[0].outputs[0].token_ids,
-        "wq_spec": str(wq.sharding.spec), "spans_processes": not wq.is_fully_addressable,
+        "wqkv_spec": str(wqkv.sharding.spec), "spans_processes": not wqkv.is_fully_addressable,
         "spmd": llm.engine.runner._tp_specs is not None,
         "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}), flush=True)
 else:

@@ -27,14 +27,16 @@ for family, overrides in {
         llm = LLM(lm, mesh=mesh, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
                   block_size=8, num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
         outs = llm.generate(prompts * 2, sp)   # 6 requests: dp spreads them over its replicas
-        wq = llm.loaded.model.layers[0].attn.wq[...]
+        attn = llm.loaded.model.layers[0].attn
+        wo, wqkv = attn.wo[...], attn.wqkv[...]
         runner = llm.engine.runner
         result[f"{family}/{mesh}"] = {
             "spmd": runner._tp_specs is not None,
             "replica_steps": [e.runner.num_steps for e in getattr(llm.engine, "replicas", [])],
             "tokens": [o.outputs[0].token_ids for o in outs[:3]],
             "tokens_again": [o.outputs[0].token_ids for o in outs[3:]],
-            "wq_spec": str(wq.sharding.spec) if hasattr(wq.sharding, "spec") else "single",
+            "wo_spec": str(wo.sharding.spec) if hasattr(wo.sharding, "spec") else "single",
+            "wqkv_spec": str(wqkv.sharding.spec) if hasattr(wqkv.sharding, "spec") else "single",
             "kv_spec": str(runner.kv[0][0].sharding.spec)
             if hasattr(runner.kv[0][0].sharding, "spec") else "single",
             "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"],
