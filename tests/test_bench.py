@@ -115,6 +115,26 @@ def test_bench_serve_against_a_live_server(live, rate, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["completed"] == 6
 
 
+def test_bench_serve_against_a_model_without_tokenizer(tmp_path):
+    # dummy-weight serving (no tokenizer): every streamed chunk carries its token ids, so TTFT and
+    # ITL are still measured per token
+    import httpx
+    from jaxserve.bench.serve import run_serve
+    with LiveServer(tiny_loaded(), api_key=None) as srv:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+                "prompt": [3, 4, 5], "max_tokens": 5, "ignore_eos": True, "stream": True}) as r:
+            chunks = [json.loads(line[5:]) for line in r.iter_lines()
+                      if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+        ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        assert len(ids) == 5 and all(0 <= t < 128 for t in ids)
+        assert all(len(c["choices"][0]["token_ids"]) >= 1 for c in chunks)
+        args = _args("serve", "--base-url", srv.url, "--num-prompts", "3", "--input-len", "6",
+                     "--output-len", "4", "--vocab-size", "100", "--disable-tqdm")
+        res = run_serve(args)
+    assert res["completed"] == 3 and res["failed"] == 0, res.get("errors")
+    assert res["total_output_tokens"] == 12 and res["mean_itl_ms"] > 0
+
+
 def test_bench_serve_records_failures(live):
     from jaxserve.bench.serve import run_serve
     args = _args("serve", "--base-url", live.url, "--api-key", "wrong-key", "--served-model-name",

@@ -47,7 +47,9 @@ async def _one(client, url: str, headers: dict, model: str, req: BenchRequest, i
                     rec.output_len = int(msg["usage"].get("completion_tokens", 0))
                     if msg["usage"].get("prompt_tokens"):
                         rec.prompt_len = int(msg["usage"]["prompt_tokens"])
-                if not msg.get("choices") or not msg["choices"][0].get("text"):
+                # a chunk with text, or (a model served without a tokenizer) with token ids
+                if not msg.get("choices") or not (msg["choices"][0].get("text")
+                                                  or msg["choices"][0].get("token_ids")):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:

@@ -98,14 +98,16 @@ async def create_completion(request: Request) -> Response:
                     new_tokens = len(o.token_ids) - n0
                     completion_tokens += new_tokens
                     sent_text[key], sent_tok[key] = len(o.text), len(o.token_ids)
-                    if not delta and o.finish_reason is None and (k is None or new_tokens == 0):
+                    if (not delta and o.finish_reason is None and (k is None or new_tokens == 0)
+                            and (tok is not None or new_tokens == 0)):
                         continue  # e.g. half of a multi-byte character: wait for the rest
+                    choice = {"index": tr.prompt_index * n + o.index, "text": delta,
+                              "logprobs": _logprobs_block(tok, o, n0, k, t0) if k is not None else None,
+                              "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                    if tok is None:   # no text to stream: each chunk carries its new token ids
+                        choice["token_ids"] = list(o.token_ids[n0:])
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [{"index": tr.prompt_index * n + o.index, "text": delta,
-                                            "logprobs": _logprobs_block(tok, o, n0, k, t0)
-                                            if k is not None else None,
-                                            "finish_reason": o.finish_reason,
-                                            "stop_reason": o.stop_reason}]})
+                               "choices": [choice]})
             if opts.include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in prepared)
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
