@@ -53,6 +53,11 @@ def main() -> None:
                     help="also run with async scheduling off (the synchronous loop), in the same run")
     ap.add_argument("--compilation-cache-dir", default=None,
                     help="persistent compilation cache (default: none, a cold start)")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace 10 back-to-back decode steps at the largest batch and list the "
+                         "kernels of device 0")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile one batch-1 generate and list where the host time goes")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -109,6 +114,38 @@ def main() -> None:
                 jax.block_until_ready(res)
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
+    if args.host_profile:
+        import cProfile
+        import pstats
+        prompt = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}]
+        sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        llm.generate(prompt, sp, use_tqdm=False)
+        prof.disable()
+        wall = time.perf_counter() - t
+        print(f"host profile: batch 1, {args.output_len} tokens in {wall:.3f}s "
+              f"({1e3 * wall / args.output_len:.2f} ms/token)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if args.profile:
+        import os
+        import sys
+        import tempfile
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from profile_step import gpu_events, summarise
+        b = max(args.batches)
+        fn, sample = runner._exec.get(("decode", b, b)), runner._exec.get(("sample", "greedy", b))
+        if fn is not None and sample is not None:
+            fwd, st = runner._padding_inputs(b, b)
+            trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
+            with jax.profiler.trace(trace_dir):
+                for _ in range(10):
+                    logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
+                    res, runner.sampler_state = sample(logits, runner.sampler_state, st)
+                jax.block_until_ready(res)
+            print(f"profile: decode step b={b}, device 0")
+            summarise(gpu_events(trace_dir, "/device:GPU:0"), 10, 25)
     stats = llm.get_stats()
     print("device step time (back-to-back, no host work): "
           + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in step_times.items()))
