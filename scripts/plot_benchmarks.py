@@ -54,6 +54,44 @@ def main() -> None:
     fig.suptitle(f"Engine decode throughput by change ({prog['device']}; {prog['workload'].split(',')[0]})")
     fig.tight_layout()
     fig.savefig(os.path.join(IMG, "engine_progress_h200.png"), dpi=110)
+    serve = load("serve_h100_qwen2.5-7b.json")
+    runs = serve["runs"]
+    conc = [1, 4, 16, 64, 256]
+    rows = [runs["c1"]] + [runs[f"conc{c}"] for c in conc[1:]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(conc, [r["output_throughput"] for r in rows], "o-", color="#1f77b4")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("concurrent requests")
+    axes[0].set_ylabel("output tok/s")
+    axes[0].set_title("throughput vs concurrency")
+    for key, label in (("median_ttft_ms", "median TTFT"), ("median_itl_ms", "median ITL"),
+                       ("p99_itl_ms", "p99 ITL")):
+        axes[1].plot(conc, [r[key] for r in rows], "o-", label=label)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("concurrent requests")
+    axes[1].set_ylabel("ms")
+    axes[1].set_title("latency vs concurrency")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"jaxserve serve over HTTP, Qwen2.5-7B shape, 256 -> 128 tokens ({serve['device']})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "serve_concurrency_h100.png"), dpi=110)
+
+    r1 = runs["rate1"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    pcts = ["p50", "p90", "p99"]
+    width = 0.35
+    for i, (metric, label) in enumerate((("ttft", "TTFT"), ("itl", "ITL"))):
+        ax.bar([j + i * width for j in range(3)], [r1[f"{p}_{metric}_ms"] for p in pcts], width,
+               label=label)
+    ax.axhline(runs["c1"]["median_itl_ms"], color="k", ls="--", lw=1)
+    ax.text(2.3, runs["c1"]["median_itl_ms"] * 1.05, "batch-1 ITL", fontsize=8)
+    ax.set_xticks([j + width / 2 for j in range(3)], pcts)
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax.set_title(f"1 req/s Poisson, prompts 128-384, replies 96-288 tokens\n{serve['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "serve_latency_h100.png"), dpi=110)
     print("wrote", ", ".join(sorted(os.listdir(IMG))))
 
 

@@ -125,7 +125,7 @@ def main() -> None:
     @jax.jit
     def weights_only(params, x):
         """The decode GEMVs alone: every layer's projections on a [B, D] activation."""
-        model = nnx.merge(runner.graphdef, params)
+        model = nnx.merge(runner.graphdef, jax.tree.unflatten(runner.param_tree, params))
         for layer in model.layers:
             a = layer.attn
             qkv = jnp.einsum("TD,DKCH->TKCH", x, a.wqkv[...])
