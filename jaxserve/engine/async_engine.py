@@ -45,6 +45,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, *, start: bool = True):
         self.core = core
@@ -97,6 +102,11 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                # outputs are cumulative: a consumer that fell behind (a slow HTTP client, a busy
+                # event loop) takes the newest one and skips the rest, nothing is lost
+                while (not isinstance(item, BaseException) and not item.finished
+                       and not stream.queue.empty()):
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
@@ -143,6 +153,17 @@ class AsyncEngine:
         if stream is not None:
             stream.put(out)
 
+    def _deliver_step(self, outs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one thread-safe call (one wake-up per
+        step, not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
             _, rid, prompt, params = cmd
@@ -167,8 +188,7 @@ class AsyncEngine:
                         break
                     self._handle(cmd)
                 if self.core.has_unfinished() or self.core.scheduler.has_work():
-                    for out in self.core.step():
-                        self._deliver(out)
+                    self._deliver_step(self.core.step())
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
