@@ -1,6 +1,7 @@
 """The model runner: SchedulerOutput -> numpy int32 metadata -> two jitted calls -> sampled tokens.
 
-A step is two executables dispatched back to back, all compiled in `warmup()`:
+A step is two executables dispatched back to back, all compiled in `warmup()` (lowered one by one,
+compiled on a thread pool) and then called directly, so a step can never trigger a compile:
   * the forward, one per bucket (T tokens, S sequences), plus decode-only buckets when the attention
     backend has a decode kernel: forward + KV write + logits at the S sampling rows, KV cache donated;
   * the sampler, one per (S, mode): the host picks the cheapest mode that serves every row
@@ -11,9 +12,12 @@ state lives in device "slots" (`jaxserve/sampling/sampler.py`); the runner maps 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -201,10 +205,6 @@ class ModelRunner:
         Tracing and lowering are Python (serial); XLA compiles release the GIL, so they run on a
         thread pool. Steps then dispatch these executables directly: serving cannot compile.
         """
-        import concurrent.futures
-        import os
-        import time
-
         work = self._warmup_work()
         bar = None
         if progress:

@@ -158,12 +158,20 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
     remaining = len(tasks)
     try:
         while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            # outputs are cumulative: when the consumer (an SSE writer) fell behind, only the
+            # newest output of each prompt is needed, so a slow client gets fewer, larger chunks
+            latest: dict[int, tuple[Tracked, RequestOutput]] = {}
+            for item in batch:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    latest[item[0].prompt_index] = item
+            for item in latest.values():
                 yield item
     finally:
         for t in tasks:  # consumer gone (disconnect/cancel): abort everything still running
