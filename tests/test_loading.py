@@ -86,6 +86,15 @@ def test_orbax_roundtrip(llama_dir, tmp_path):
     back = load_model(out)
     assert back.source == out
     np.testing.assert_array_equal(_greedy(back).prompt_logits, _greedy(lm).prompt_logits)
+    # a checkpoint converted by a version with another parameter layout is refused clearly
+    marker = os.path.join(out, "jaxserve_checkpoint.json")
+    with open(marker) as f:
+        m = json.load(f)
+    del m["layout"]
+    with open(marker, "w") as f:
+        json.dump(m, f)
+    with pytest.raises(WeightLoadError, match="layout 1.*jaxserve convert"):
+        load_model(out)
 
 
 def test_cli_convert_then_generate_with_tokenizer(smollm_path, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.outputs import CompletionOutput, InvalidRequestError, Logprob, RequestOutput
@@ -73,9 +74,12 @@ def memory_summary(lm: LoadedModel, usable_blocks: int, block_size: int, kv_item
     cfg = lm.config
     gib = 1 << 30
     w_bytes = cfg.num_params() * np.dtype(lm.dtype).itemsize
+    # what one device really holds (replicated parameters count whole)
+    local = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(lm.model))
+                if isinstance(x, jax.Array))
     kv_tok = cfg.kv_bytes_per_token(kv_itemsize)
     tokens = usable_blocks * block_size
-    return (f"memory: weights {w_bytes / gib:.2f} GiB total, ~{w_bytes / tp / gib:.2f} GiB per device "
+    return (f"memory: weights {w_bytes / gib:.2f} GiB total, {local / gib:.2f} GiB per device "
             f"(tp={tp}); KV cache {kv_tok / 1024:.0f} KiB per token ({cfg.num_layers} layers x 2 x "
             f"{cfg.num_kv_heads} kv heads x {cfg.head_dim} x {kv_itemsize} B), {usable_blocks} pages x "
             f"{block_size} tokens = {tokens} tokens = {tokens * kv_tok / kv_shards / gib:.2f} GiB per "

@@ -22,6 +22,8 @@ from jaxserve.models.layers import CausalLM
 from jaxserve.models.registry import abstract_model
 
 MARKER = "jaxserve_checkpoint.json"
+# parameter layout version written into the marker; 2 = fused q/k/v and gate/up weights
+LAYOUT = 2
 
 
 def is_orbax_dir(path: str) -> bool:
@@ -45,7 +47,7 @@ def save_orbax(model: CausalLM, hf_config: dict, out_dir: str, *, tokenizer=None
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"format": "orbax", "dtype": dtype}, f)
+        json.dump({"format": "orbax", "dtype": dtype, "layout": LAYOUT}, f)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -55,7 +57,13 @@ def restore_orbax(path: str, cfg: ModelConfig, *, dtype, shardings=None) -> Caus
     import orbax.checkpoint as ocp
 
     with open(os.path.join(path, MARKER)) as f:
-        saved_dtype = json.load(f)["dtype"]
+        marker = json.load(f)
+    saved_dtype = marker["dtype"]
+    if marker.get("layout", 1) != LAYOUT:
+        raise WeightLoadError(f"this checkpoint has parameter layout {marker.get('layout', 1)} "
+                              f"(written by an older jaxserve); this version reads layout {LAYOUT}: "
+                              f"convert the original checkpoint again with `jaxserve convert`",
+                              file=os.path.join(path, MARKER))
     graphdef, state = nnx.split(abstract_model(cfg, dtype=saved_dtype))
     target = nnx.to_pure_dict(state)
 
