@@ -153,6 +153,23 @@ def test_health_and_metrics_are_open(live):
     assert 'jaxserve:compiles_after_warmup_total{model_name="tiny-chat"} 0' in m.text
 
 
+def _metric(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{model_name="{MODEL}"}}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_latency_histograms_count_tokens(live):
+    # one TTFT and (tokens - 1) inter-token gaps per request, streamed or not
+    names = ("jaxserve:time_to_first_token_seconds_count", "jaxserve:inter_token_latency_seconds_count")
+    before = [_metric(httpx.get(live.url + "/metrics").text, n) for n in names]
+    for stream in (False, True):
+        r = httpx.post(live.url + COMP, headers=HDR, timeout=60, json={
+            "model": MODEL, "prompt": "x", "max_tokens": 6, "ignore_eos": True, "stream": stream})
+        assert r.status_code == 200
+    after = [_metric(httpx.get(live.url + "/metrics").text, n) for n in names]
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 2 * 5
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"

@@ -130,17 +130,21 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
 
     async def pump(tr: Tracked) -> None:
         start = time.monotonic()
-        last = None
+        last, seen = None, 0
         try:
             async for out in engine.generate({"prompt_token_ids": tr.prompt_ids, "prompt": tr.prompt_text},
                                              params, tr.request_id):
                 now = time.monotonic()
-                if last is None and any(o.token_ids for o in out.outputs):
+                # per token (an update may carry several): the longest sample's count
+                ntok = max((len(o.token_ids) for o in out.outputs), default=0)
+                if last is None and ntok:
                     state.metrics.ttft.observe(now - start)
-                    last = now
-                elif last is not None:
-                    state.metrics.itl.observe(now - last)
-                    last = now
+                    last, seen = now, 1
+                if last is not None and ntok > seen:
+                    gap = (now - last) / (ntok - seen)
+                    for _ in range(ntok - seen):
+                        state.metrics.itl.observe(gap)
+                    last, seen = now, ntok
                 await queue.put((tr, out))
                 if out.finished:
                     state.metrics.e2e.observe(now - start)
