@@ -2,9 +2,10 @@
 
 The model skeleton comes from `nnx.eval_shape` (no memory). Each incoming tensor is looked up in the
 family's `hf_weight_map`, shape-checked, converted to our layout on the host, placed on its device
-(or its shards) and cast there to the target dtype; then the host copy is dropped. A fused parameter
-(q/k/v, gate/up) is assembled on the host from its parts and placed once its last part arrives. Unknown names,
-duplicates, shape mismatches and missing tensors raise `WeightLoadError` naming file and tensor.
+(or its shards) and cast there to the target dtype; then the host copy is dropped. A fused
+parameter (q/k/v, gate/up) is assembled on the host from its parts and placed once its last part
+arrives. Unknown names, duplicates, shape mismatches and missing tensors raise `WeightLoadError`
+naming file and tensor.
 """
 
 from __future__ import annotations
