@@ -7,8 +7,11 @@ step's `SchedulerOutput` to the followers, which dispatch the identical jitted s
 process enters the same collectives in the same order. Followers run `follow(engine)` until the
 leader sends STOP (`engine.shutdown_followers()`, called on shutdown).
 
-The broadcast is `jax.experimental.multihost_utils.broadcast_one_to_all` of the pickled step,
-padded to a power-of-two size so only a few shapes are ever compiled (all at start-up).
+The broadcast goes through the key-value store of JAX's coordination service (the one
+`jax.distributed.initialize` starts): the leader writes the pickled step under a sequence key and
+followers block on that key. It is host to host, so the leader never waits on its devices to hand
+a step over (a device collective would queue behind the step still running and undo the overlap
+of scheduling with execution).
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ import os
 import pickle
 
 import jax
-import numpy as np
 
-_MIN_PAYLOAD = 1 << 12
-_MAX_WARM_PAYLOAD = 1 << 20
+_KEEP_STEPS = 1024      # step keys kept in the coordination service before the oldest is deleted
+_WAIT_MS = 60_000        # a follower's wait per try for the next step
 _STOP = "__jaxserve_stop__"
 
 
@@ -41,36 +43,42 @@ def is_leader() -> bool:
 class StepBroadcast:
     """Leader -> followers: one Python object per call, in the same order on every process."""
 
+    _instances = 0   # engines built in this job, in the same order on every process
+
     def __init__(self):
-        from jax.experimental import multihost_utils
-        self._bcast = multihost_utils.broadcast_one_to_all
+        from jax._src import distributed as jax_distributed
+        self._client = jax_distributed.global_state.client
+        if self._client is None:
+            raise RuntimeError("jax.distributed is not initialized in this process")
+        self._prefix = f"jaxserve/steps/{StepBroadcast._instances}/"
+        StepBroadcast._instances += 1
+        self._seq = 0
 
     def warmup(self) -> None:
-        """Compile the broadcast for every payload size up to 1 MiB (larger steps compile late)."""
-        size = _MIN_PAYLOAD
-        while size <= _MAX_WARM_PAYLOAD:
-            self._bcast(np.zeros(size, np.uint8), is_source=is_leader())
-            size *= 2
-        self._bcast(np.zeros(1, np.int64), is_source=is_leader())
+        """Nothing to compile; one round trip checks that every process reaches the store."""
+        if is_leader():
+            self.send("__jaxserve_hello__")
+        elif self.recv() != "__jaxserve_hello__":
+            raise RuntimeError("multi-process step broadcast: unexpected first message")
 
     def send(self, obj) -> None:
-        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-        self._bcast(np.array([data.size], np.int64), is_source=True)
-        buf = np.zeros(_padded(data.size), np.uint8)
-        buf[: data.size] = data
-        self._bcast(buf, is_source=True)
+        self._client.key_value_set_bytes(self._prefix + str(self._seq),
+                                         pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        if self._seq >= _KEEP_STEPS:   # followers trail by ~2 steps: old keys are long read
+            self._client.key_value_delete(self._prefix + str(self._seq - _KEEP_STEPS))
+        self._seq += 1
 
     def recv(self):
-        n = int(np.asarray(self._bcast(np.zeros(1, np.int64), is_source=False))[0])
-        buf = np.asarray(self._bcast(np.zeros(_padded(n), np.uint8), is_source=False))
-        return pickle.loads(buf[:n].tobytes())
-
-
-def _padded(n: int) -> int:
-    size = _MIN_PAYLOAD
-    while size < n:
-        size *= 2
-    return size
+        key = self._prefix + str(self._seq)
+        while True:   # an idle server sends nothing for as long as it is idle
+            try:
+                data = self._client.blocking_key_value_get_bytes(key, _WAIT_MS)
+                break
+            except Exception as e:  # noqa: BLE001 - jaxlib raises its runtime error type
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        self._seq += 1
+        return pickle.loads(data)
 
 
 def attach(engine) -> StepBroadcast | None:
