@@ -38,6 +38,20 @@ def read_ceiling_tbs(gib: float = 4.0, iters: int = 10) -> float:
     return best
 
 
+def padded_steps(runner, kind: str, b: int, n: int) -> bool:
+    """Dispatch `n` all-padding steps (compiled forward `kind` at b sequences + greedy sampler)
+    back to back and wait for them; False if that bucket was not compiled."""
+    fn, sample = runner._exec.get((kind, b, b)), runner._exec.get(("sample", "greedy", b))
+    if fn is None or sample is None:
+        return False
+    fwd, st = runner._padding_inputs(b, b)
+    for _ in range(n):
+        logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
+        res, runner.sampler_state = sample(logits, runner.sampler_state, st)
+    jax.block_until_ready(res)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-7b")
@@ -99,19 +113,12 @@ def main() -> None:
     variants = [] if args.no_step_time else ["forward", "decode"]
     for label in variants:
         for b in args.batches:
-            fn = runner._exec.get((label, b, b))
-            sample = runner._exec.get(("sample", "greedy", b))
-            if fn is None or sample is None:
+            if not padded_steps(runner, label, b, 1):
                 continue
-            fwd, st = runner._padding_inputs(b, b)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                for _ in range(20):  # device time of one padded step, dispatched back to back
-                    logits, runner.kv = fn(runner.params, runner.kv, fwd,
-                                           runner.sampler_state.last_token)
-                    res, runner.sampler_state = sample(logits, runner.sampler_state, st)
-                jax.block_until_ready(res)
+                padded_steps(runner, label, b, 20)   # device time of a padded step, back to back
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
     if args.host_profile:
@@ -135,15 +142,10 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from profile_step import gpu_events, summarise
         b = max(args.batches)
-        fn, sample = runner._exec.get(("decode", b, b)), runner._exec.get(("sample", "greedy", b))
-        if fn is not None and sample is not None:
-            fwd, st = runner._padding_inputs(b, b)
-            trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
-            with jax.profiler.trace(trace_dir):
-                for _ in range(10):
-                    logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
-                    res, runner.sampler_state = sample(logits, runner.sampler_state, st)
-                jax.block_until_ready(res)
+        trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
+        with jax.profiler.trace(trace_dir):
+            traced = padded_steps(runner, "decode", b, 10)
+        if traced:
             print(f"profile: decode step b={b}, device 0")
             summarise(gpu_events(trace_dir, "/device:GPU:0"), 10, 25)
     stats = llm.get_stats()

@@ -45,20 +45,18 @@ def timed(fn, rounds: int = 5, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def gpu_events(trace_dir: str, plane: str = "/device:GPU"):
+def gpu_events(trace_dir: str, device: str = "/device:GPU"):
     """(name, start_ns, duration_ns) of every GPU kernel/memcpy in the newest trace under trace_dir,
-    on the device planes whose name starts with `plane` (e.g. "/device:GPU:0" for one device)."""
+    on every GPU plane, or on one ("/device:GPU:0")."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
         return []
     pd = jax.profiler.ProfileData.from_file(paths[-1])
-    plane_prefix = plane
     events = []
     for plane in pd.planes:
-        if not plane.name.startswith("/device:GPU") or not (
-                plane.name == plane_prefix or plane.name.startswith(plane_prefix + " ")
-                or plane_prefix == "/device:GPU"):
+        name = plane.name.split(" ")[0]
+        if not (name == device or name.startswith(device + ":")):
             continue
         for line in plane.lines:
             # Stream lines hold the kernels; skip XLA's op/module summary lines.

@@ -148,11 +148,6 @@ class AsyncEngine:
             self._thread.join(timeout=10)
 
     # -- the engine thread ----------------------------------------------------------------------
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is not None:
-            stream.put(out)
-
     def _deliver_step(self, outs: list[RequestOutput]) -> None:
         """A step's outputs, handed to each event loop in one thread-safe call (one wake-up per
         step, not one per request)."""
@@ -176,7 +171,7 @@ class AsyncEngine:
         elif cmd[0] == "abort":
             out = self.core.abort(cmd[1])
             if out is not None:
-                self._deliver(out)
+                self._deliver_step([out])
 
     def _run(self) -> None:
         try:
