@@ -6,6 +6,12 @@ head (padded to a power of two >= 16 rows for the tensor-core dot), walks its sh
 sequence's page table `pages_per_block` pages at a time (a gather of whole pages), and keeps an
 online softmax in fp32. A jnp epilogue merges the splits (fp32 log-sum-exp merge).
 
+Fused variant (`paged_decode_fused`): the input is the layer's fused q/k/v rows of each kv head
+([S, K, G+2, H]: G query heads, the new key, the new value; RoPE already applied), so no XLA
+slicing, padding or scatter runs between the projection and the kernel. The kernel writes the new
+key/value into their slot of the cache in place (input/output aliasing) and attends over the
+cache's first seq_len - 1 tokens plus the new token taken straight from its input rows.
+
 Layers: `_decode_kernel` (body) -> `_decode_call` (pallas_call: grid, BlockSpecs) ->
 `paged_decode_attention` (jitted, static tuning knobs, `interpret`) -> `paged_decode_reference`.
 """
@@ -22,20 +28,22 @@ _MASK = -1e30
 
 
 def _decode_kernel(
-    q_ref,        # [Gp, H]      query heads of this kv head (rows >= G are padding)
+    q_ref,        # [Gp, H]      query heads of this kv head (rows >= G are padding; fused: row G
+                  #              is the new key, row G + 1 the new value)
     k_ref,        # [P, B, H]    this kv head's slice of the key pages
     v_ref,        # [P, B, H]
     tables_ref,   # [S, Mp]      page tables (padded with page 0)
-    lens_ref,     # [S]          KV length of each sequence (0 = padding)
+    lens_ref,     # [S]          KV length of each sequence (0 = padding), new token included
     o_ref,        # [Gp, H]      partial output of this split (unnormalised / l)
     m_ref,        # [Gp]         running max of this split
     l_ref,        # [Gp]         running sum of this split
-    *,
+    *cache_out,   # fused: (k pages, v pages) of this kv head, aliased to k_ref / v_ref
     pages_per_block: int,
     pages_per_split: int,
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    new_row: int | None = None,   # fused: index G of the new key row
 ):
     s = pl.program_id(0)
     split = pl.program_id(2)
@@ -43,7 +51,9 @@ def _decode_kernel(
     b = k_ref.shape[1]
     block = pages_per_block * b
     seq_len = lens_ref[s]
-    n_pages = (seq_len + b - 1) // b
+    # fused: the newest token comes from the input rows, the cache supplies the ones before it
+    cached = seq_len if new_row is None else jnp.maximum(seq_len - 1, 0)
+    n_pages = (cached + b - 1) // b
     first = split * pages_per_split
     last = jnp.minimum(first + pages_per_split, n_pages)
     q = q_ref[...].astype(jnp.float32) * scale
@@ -59,7 +69,7 @@ def _decode_kernel(
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
         pos = p0 * b + jnp.arange(block, dtype=jnp.int32)
-        valid = (pos < seq_len) & (pos < last * b)
+        valid = (pos < cached) & (pos < last * b)
         if sliding_window is not None:
             valid &= pos > seq_len - 1 - sliding_window
         logits = jnp.where(valid[None, :], logits, _MASK)
@@ -74,6 +84,26 @@ def _decode_kernel(
     n_iter = jnp.maximum(last - first + pages_per_block - 1, 0) // pages_per_block
     init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _MASK, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
+    if new_row is not None:
+        # split 0 starts from the new token (a softmax over one key: m = its logit, l = 1)
+        k_new = q_ref[new_row, :]
+        v_new = q_ref[new_row + 1, :]
+        mine = (split == 0) & (seq_len > 0)
+        logit = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
+        if soft_cap is not None:
+            logit = soft_cap * jnp.tanh(logit / soft_cap)
+        ones = jnp.ones((gp,), jnp.float32)
+        init = (jnp.where(mine, ones[:, None] * v_new.astype(jnp.float32)[None, :], init[0]),
+                jnp.where(mine, logit, init[1]), jnp.where(mine, ones, init[2]))
+        ko_ref, vo_ref = cache_out
+
+        @pl.when(mine)
+        def _write():
+            t = seq_len - 1
+            page = tables_ref[s, t // b]
+            ko_ref[page, t % b, :] = k_new.astype(ko_ref.dtype)
+            vo_ref[page, t % b, :] = v_new.astype(vo_ref.dtype)
+
     o, m, l = jax.lax.fori_loop(0, n_iter, body, init)
     o_ref[...] = o
     m_ref[...] = m
@@ -81,16 +111,29 @@ def _decode_kernel(
 
 
 def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, pages_per_split,
-                 scale, sliding_window, soft_cap, num_warps, num_stages, interpret):
+                 scale, sliding_window, soft_cap, num_warps, num_stages, interpret,
+                 new_row=None):
     s_, k_heads, gp, h = q.shape
     p, b, _, _ = k_cache.shape
     mp = tables.shape[1]
     kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
                                pages_per_split=pages_per_split, scale=scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
+                               sliding_window=sliding_window, soft_cap=soft_cap, new_row=new_row)
     out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h), jnp.float32),
                  jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32),
                  jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)]
+    pages_spec = pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0))   # head j's pages
+    out_specs = [
+        pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
+        pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
+        pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
+    ]
+    aliases = {}
+    if new_row is not None:   # the caches come back as outputs, updated in place
+        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        out_specs += [pages_spec, pages_spec]
+        aliases = {1: 3, 2: 4}
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -99,21 +142,18 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
         kernel,
         grid=(s_, k_heads, splits),
         in_specs=[
-            pl.BlockSpec((None, None, gp, h), lambda i, j, c: (i, j, 0, 0)),      # q
-            pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0)),          # k pages, head j
-            pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0)),          # v pages, head j
+            pl.BlockSpec((None, None, gp, h), lambda i, j, c: (i, j, 0, 0)),      # q (fused: q/k/v rows)
+            pages_spec,                                                           # k pages, head j
+            pages_spec,                                                           # v pages, head j
             pl.BlockSpec((s_, mp), lambda i, j, c: (0, 0)),                       # page tables
             pl.BlockSpec((s_,), lambda i, j, c: (0,)),                            # lengths
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
-        ],
+        out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=compiler_params,
         interpret=interpret,
-        name="jaxserve_paged_decode",
+        name="jaxserve_paged_decode" if new_row is None else "jaxserve_paged_decode_fused",
     )(q, k_cache, v_cache, tables, lens)
 
 
@@ -136,29 +176,74 @@ def paged_decode_attention(
     interpret: bool = False,
 ) -> jax.Array:              # [S, N, H]
     s_, n, h = q.shape
-    _, b, k_heads, _ = k_cache.shape
+    k_heads = k_cache.shape[2]
     g = n // k_heads
     gp = max(16, 1 << (g - 1).bit_length())
+    qg = q.reshape(s_, k_heads, g, h)
+    if gp != g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    tables, pages_per_block, pages_per_split = _split_layout(block_tables, splits, pages_per_block)
+    o, mx, l = _decode_call(qg, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
+                            pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+                            scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return _merge_splits(o, mx, l, g).reshape(s_, n, h).astype(q.dtype)
+
+
+def _split_layout(block_tables, splits: int, pages_per_block: int):
+    """Page tables padded to a whole number of blocks per split; (tables, ppb, pages per split)."""
     m = block_tables.shape[1]
     pages_per_block = min(pages_per_block, 1 << (m - 1).bit_length())
     pages_per_split = -(-m // splits)
     pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
     mp = pages_per_split * splits
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, mp - m)))
-    qg = q.reshape(s_, k_heads, g, h)
-    if gp != g:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    o, mx, l = _decode_call(qg, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
-                            pages_per_block=pages_per_block, pages_per_split=pages_per_split,
-                            scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    # merge the splits: fp32 log-sum-exp
+    return tables, pages_per_block, pages_per_split
+
+
+def _merge_splits(o, mx, l, g: int):
+    """fp32 log-sum-exp merge of the splits' partial results -> [S, K, G, H] float32."""
     m_all = mx.max(axis=0)                                      # [S, K, Gp]
     w = jnp.exp(mx - m_all[None])                               # [splits, S, K, Gp]
     l_all = (l * w).sum(axis=0)
     o_all = (o * w[..., None]).sum(axis=0)
     out = jnp.where(l_all[..., None] > 0, o_all / jnp.maximum(l_all, 1e-30)[..., None], 0.0)
-    return out[:, :, :g, :].reshape(s_, n, h).astype(q.dtype)
+    return out[:, :, :g, :]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "pages_per_block", "sliding_window",
+                                             "soft_cap", "num_warps", "num_stages", "interpret"))
+def paged_decode_fused(
+    qkv: jax.Array,          # [S, K, G+2, H]  per kv head: G query rows, the new key, the new value
+    k_cache: jax.Array,      # [P, B, K, H]
+    v_cache: jax.Array,      # [P, B, K, H]
+    block_tables: jax.Array,  # [S, M] int32
+    seq_lens: jax.Array,     # [S] int32, the new token included (it goes to slot seq_len - 1)
+    *,
+    scale: float,
+    splits: int = 4,
+    pages_per_block: int = 8,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:   # out [S, N, H], k_cache, v_cache (updated in place)
+    """Decode attention with the KV write fused in: writes each sequence's new key/value at
+    position seq_len - 1 (sequences with seq_len 0 write nothing) and attends over its whole
+    context. Inside a jitted step whose caches are donated, the update is in place."""
+    s_, k_heads, c, h = qkv.shape
+    g = c - 2
+    gp = max(16, 1 << (c - 1).bit_length())
+    qkv_p = jnp.pad(qkv, ((0, 0), (0, 0), (0, gp - c), (0, 0))) if gp != c else qkv
+    tables, pages_per_block, pages_per_split = _split_layout(block_tables, splits, pages_per_block)
+    o, mx, l, k_cache, v_cache = _decode_call(
+        qkv_p, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
+        pages_per_block=pages_per_block, pages_per_split=pages_per_split, scale=scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret, new_row=g)
+    out = _merge_splits(o, mx, l, g).reshape(s_, k_heads * g, h).astype(qkv.dtype)
+    return out, k_cache, v_cache
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
@@ -186,9 +271,27 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     return out.reshape(s_, n, h).astype(q.dtype)
 
 
+def paged_decode_fused_reference(qkv, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
+                                 sliding_window: int | None = None, soft_cap: float | None = None):
+    """Pure jnp: scatter the new key/value rows into slot seq_len - 1, then attend."""
+    s_, k_heads, c, h = qkv.shape
+    g = c - 2
+    b = k_cache.shape[1]
+    t = jnp.maximum(seq_lens - 1, 0)
+    page = jnp.take_along_axis(block_tables, (t // b)[:, None], axis=1)[:, 0]
+    page = jnp.where(seq_lens > 0, page, k_cache.shape[0])      # padding: out of range, dropped
+    k_cache = k_cache.at[page, t % b].set(qkv[:, :, g].astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[page, t % b].set(qkv[:, :, g + 1].astype(v_cache.dtype), mode="drop")
+    q = qkv[:, :, :g].reshape(s_, k_heads * g, h)
+    out = paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                 sliding_window=sliding_window, soft_cap=soft_cap)
+    return out, k_cache, v_cache
+
+
 def bytes_read(seq_lens, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
     """K + V bytes a decode step must read (for TB/s figures)."""
     return int(2 * sum(int(x) for x in seq_lens) * num_kv_heads * head_dim * itemsize)
 
 
-__all__ = ["paged_decode_attention", "paged_decode_reference", "bytes_read"]
+__all__ = ["paged_decode_attention", "paged_decode_fused", "paged_decode_fused_reference",
+           "paged_decode_reference", "bytes_read"]

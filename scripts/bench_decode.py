@@ -70,20 +70,34 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="trace 10 back-to-back decode steps at the largest batch and list the "
                          "kernels of device 0")
+    ap.add_argument("--profile-batch", type=int, default=None,
+                    help="batch of the --profile trace (default: the largest)")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile one batch-1 generate and list where the host time goes")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ceiling-gib", type=float, default=4.0, help="size of the read-ceiling probe")
+    ap.add_argument("--coordinator-address", default=None,
+                    help="several processes (jax.distributed): process 0 times, the others follow")
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--process-id", type=int, default=None)
     args = ap.parse_args()
 
     from jaxserve import LLM, SamplingParams
+    from jaxserve.distributed import initialize, is_leader
 
-    ceiling = read_ceiling_tbs()
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    multi = jax.process_count() > 1
+    ceiling = read_ceiling_tbs(args.ceiling_gib)
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend, mesh=args.mesh,
               compilation_cache_dir=args.compilation_cache_dir)
     startup = time.perf_counter() - t0
+    if multi and not is_leader():
+        steps = llm.follow()
+        print(f"process {jax.process_index()}: followed {steps} steps; start-up {startup:.1f}s")
+        return
     cfg = llm.loaded.config
     weight_bytes = cfg.num_params() * 2
     rng = np.random.default_rng(0)
@@ -108,9 +122,11 @@ def main() -> None:
             row["roofline_tok_s"] = roofline
             row["pct_of_roofline"] = 100 * row["output_tok_s"] / roofline
         rows.append(row)
+    if multi:
+        llm.shutdown()   # release the followers; step times and profiles are one-process only
     step_times = {}
     runner = llm.engine.runner
-    variants = [] if args.no_step_time else ["forward", "decode"]
+    variants = [] if args.no_step_time or multi else ["forward", "decode"]
     for label in variants:
         for b in args.batches:
             if not padded_steps(runner, label, b, 1):
@@ -121,7 +137,7 @@ def main() -> None:
                 padded_steps(runner, label, b, 20)   # device time of a padded step, back to back
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
-    if args.host_profile:
+    if args.host_profile and not multi:
         import cProfile
         import pstats
         prompt = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}]
@@ -135,23 +151,23 @@ def main() -> None:
         print(f"host profile: batch 1, {args.output_len} tokens in {wall:.3f}s "
               f"({1e3 * wall / args.output_len:.2f} ms/token)")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    if args.profile:
+    if args.profile and not multi:
         import os
         import sys
         import tempfile
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from profile_step import gpu_events, summarise
-        b = max(args.batches)
+        b = args.profile_batch or max(args.batches)
         trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
         with jax.profiler.trace(trace_dir):
             traced = padded_steps(runner, "decode", b, 10)
         if traced:
             print(f"profile: decode step b={b}, device 0")
-            summarise(gpu_events(trace_dir, "/device:GPU:0"), 10, 25)
+            summarise(gpu_events(trace_dir, "/device:GPU:0"), 10, 45)
     stats = llm.get_stats()
     print("device step time (back-to-back, no host work): "
           + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in step_times.items()))
-    print(f"mesh: {args.mesh or 'single device'}; ", end="")
+    print(f"mesh: {args.mesh or 'single device'} over {jax.process_count()} process(es); ", end="")
     print(f"device: {jax.devices()[0].device_kind}; read ceiling {ceiling:.2f} TB/s; "
           f"model {args.model} ({cfg.num_params() / 1e9:.2f} B params, bf16, dummy); "
           f"start-up (load + compile) {startup:.1f}s; compiles after warm-up "

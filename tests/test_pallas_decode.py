@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
-from tests.kernel_cases import paged_cache
+from pallas_kernels.paged_decode import (paged_decode_attention, paged_decode_fused,
+                                        paged_decode_fused_reference, paged_decode_reference)
+from tests.kernel_cases import decode_step_cache, paged_cache
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = 2e-2 if ON_GPU else 2e-5  # the GPU kernel's fp32 dots may run as TF32
@@ -75,3 +76,62 @@ def test_engine_pallas_backend_equals_reference():
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
         assert llm.get_stats()["compiles_after_warmup"] == 0
     assert outs["pallas"] == outs["reference"]
+
+
+def _fused_case(rng, n, k, h, b, lens, dtype=np.float32):
+    kc, vc, tables = decode_step_cache(rng, lens, k, h, b)
+    qkv = rng.normal(size=(len(lens), k, n // k + 2, h)).astype(np.float32)
+    cast = lambda x: jnp.asarray(x, dtype)
+    return cast(qkv), cast(kc), cast(vc), jnp.asarray(tables), jnp.asarray(np.array(lens, np.int32))
+
+
+@pytest.mark.parametrize("n,k,b", [(4, 4, 16), (8, 2, 32), (7, 1, 16), (28, 4, 32), (16, 2, 16)])
+def test_fused_decode_kernel_matches_reference(n, k, b):
+    """KV write fused into the decode kernel: same output and the same caches (the new key/value
+    in slot seq_len - 1, nothing written for padded sequences, NaN elsewhere untouched) as the
+    jnp scatter + attention, over GQA 1/4/7/8, lengths at and across page boundaries."""
+    rng = np.random.default_rng(n * 1000 + k * 10 + b)
+    lens = [1, b - 1, b, b + 1, 3 * b + 5, 0, 2 * b]
+    args = _fused_case(rng, n, k, 64, b, lens)
+    want_o, want_k, want_v = paged_decode_fused_reference(*args, scale=0.125)
+    for splits, ppb in [(1, 2), (3, 1), (2, 4)]:
+        got_o, got_k, got_v = paged_decode_fused(*args, scale=0.125, splits=splits,
+                                                 pages_per_block=ppb, interpret=not ON_GPU)
+        np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), rtol=TOL, atol=TOL)
+        np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))   # NaN == NaN here
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+        assert np.all(np.asarray(got_o)[lens.index(0)] == 0)
+
+
+def test_fused_decode_kernel_window_softcap_bf16():
+    rng = np.random.default_rng(11)
+    lens = [40, 9, 17, 0]
+    for dtype, tol in [(np.float32, TOL), (jnp.bfloat16, 3e-2)]:
+        args = _fused_case(rng, 8, 2, 64, 16, lens, dtype)
+        for window, cap in [(10, None), (None, 3.0), (5, 2.0)]:
+            want = paged_decode_fused_reference(*args, scale=0.2, sliding_window=window, soft_cap=cap)
+            got = paged_decode_fused(*args, scale=0.2, sliding_window=window, soft_cap=cap, splits=2,
+                                     pages_per_block=2, interpret=not ON_GPU)
+            np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                                       rtol=tol, atol=tol)
+            np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+
+
+def test_fused_reference_equals_scatter_then_decode():
+    """The fused reference is the engine's old path: write_kv_reference, then the decode kernel's
+    reference."""
+    from jaxserve.attention import split_qkv, write_kv_reference
+
+    rng = np.random.default_rng(12)
+    lens = [5, 16, 33, 0]
+    qkv, kc, vc, tables, seq_lens = _fused_case(rng, 8, 2, 64, 16, lens)
+    q, k, v = split_qkv(qkv)
+    t = np.maximum(np.array(lens) - 1, 0)
+    slots = np.where(np.array(lens) > 0, np.asarray(tables)[np.arange(4), t // 16] * 16 + t % 16, 0)
+    k2, v2 = write_kv_reference(kc, vc, k, v, jnp.asarray(slots, jnp.int32))
+    want = paged_decode_reference(q, k2, v2, tables, seq_lens, scale=0.125)
+    got, k3, _ = paged_decode_fused_reference(qkv, kc, vc, tables, seq_lens, scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    real = np.array(lens) > 0
+    np.testing.assert_array_equal(np.asarray(k3)[np.asarray(tables)[real, t[real] // 16], t[real] % 16],
+                                  np.asarray(k)[real])

@@ -3,12 +3,18 @@
 A backend is a callable
     backend(q [T,N,H], k [T,K,H], v [T,K,H], layer_cache (k_cache, v_cache), meta, positions, spec)
         -> (out [T,N,H], new layer_cache)
-so a kernel may fuse the cache write with attention. Models only ever call this interface; the
-runner chooses the implementation ("reference" everywhere, GPU kernels where available).
+so a kernel may fuse the cache write with attention. A backend may also offer
+    backend.attend_qkv(qkv [T,K,G+2,H], layer_cache, meta, positions, spec) -> (out, new layer_cache)
+taking the layer's fused rows as they come out of the projection (per kv head: G query heads, the
+key, the value; RoPE applied), which models prefer when present: the decode kernel then reads its
+queries and writes the new key/value without any XLA slicing or scatter in between. Models only
+ever call this interface; the runner chooses the implementation ("reference" everywhere, GPU
+kernels where available).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol
 
 import jax
@@ -18,6 +24,13 @@ from jaxserve.attention.reference import (paged_attention_blockwise, paged_atten
                                          write_kv_reference)
 
 LayerCache = tuple[jax.Array, jax.Array]
+
+
+def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[T, K, G+2, H] fused rows -> q [T, N, H] (head n = k*G + g), k [T, K, H], v [T, K, H]."""
+    t, _, c, h = qkv.shape
+    g = c - 2
+    return qkv[:, :, :g].reshape(t, -1, h), qkv[:, :, g], qkv[:, :, g + 1]
 
 
 class AttentionBackend(Protocol):
@@ -56,7 +69,8 @@ class PallasBackend:
     (`decode_only=True`, used when every sequence feeds exactly one token) that calls the paged
     decode kernel (split-K over pages), and the general variant that calls the ragged paged
     prefill kernel for steps with prefill chunks (decodes mixed in). Choosing on the host keeps
-    data-dependent control flow out of the compiled step. K/V are written with a donated scatter. On CPU the kernel runs in Pallas
+    data-dependent control flow out of the compiled step. Decode steps write K/V inside the decode
+    kernel (`attend_qkv`); steps with prefill use a donated scatter. On CPU the kernel runs in Pallas
     interpret mode (slow; for tests). Under tensor parallelism the runner calls the backend per
     shard (inside shard_map), so it only ever sees local heads."""
 
@@ -66,9 +80,28 @@ class PallasBackend:
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.decode_only = decode_only
         self.device_kind = jax.devices()[0].device_kind
+        if decode_only and _fused_decode_enabled():
+            # the decode variant takes the fused rows and writes K/V inside the kernel; the
+            # general variant (prefill chunks) keeps the XLA scatter before the prefill kernel
+            self.attend_qkv = self._attend_qkv_decode
 
     def decode_variant(self) -> "PallasBackend":
         return PallasBackend(self.interpret, decode_only=True)
+
+    def _attend_qkv_decode(self, qkv, cache, meta, positions, spec):
+        """Decode step with the KV write fused into the kernel (paged_decode_fused)."""
+        from pallas_kernels.paged_decode import paged_decode_fused
+        from pallas_kernels.tuning import decode_params
+
+        s_, m = meta.block_tables.shape
+        k_heads, c = qkv.shape[1], qkv.shape[2]
+        splits, ppb, warps, stages = decode_params(self.device_kind, s_, k_heads * (c - 2), k_heads,
+                                                   qkv.shape[3], cache[0].shape[1], m)
+        out, k_cache, v_cache = paged_decode_fused(
+            qkv, cache[0], cache[1], meta.block_tables, meta.seq_lens, scale=spec.scale,
+            splits=splits, pages_per_block=ppb, sliding_window=spec.sliding_window,
+            soft_cap=spec.soft_cap, num_warps=warps, num_stages=stages, interpret=self.interpret)
+        return out, (k_cache, v_cache)
 
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
@@ -98,6 +131,11 @@ class PallasBackend:
         return out, (k_cache, v_cache)
 
 
+def _fused_decode_enabled() -> bool:
+    """JAXSERVE_FUSED_DECODE=0 keeps the XLA scatter before the decode kernel (for comparisons)."""
+    return os.environ.get("JAXSERVE_FUSED_DECODE", "1") != "0"
+
+
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceBackend,
                                                         "gather": GatherBackend,
                                                         "pallas": PallasBackend}
@@ -115,4 +153,4 @@ __all__ = ["AttentionBackend", "AttentionMetadata", "AttentionSpec", "GatherBack
            "PallasBackend",
            "ReferenceBackend",
            "build_metadata", "get_backend", "paged_attention_blockwise", "paged_attention_reference",
-           "write_kv_reference"]
+           "split_qkv", "write_kv_reference"]

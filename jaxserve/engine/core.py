@@ -12,6 +12,7 @@ checked here on the incrementally detokenized text.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from typing import Any
@@ -57,12 +58,16 @@ def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_n
     if ec.num_kv_blocks is not None:
         return int(ec.num_kv_blocks)
     per_block = ec.block_size * lm.config.kv_bytes_per_token(kv_itemsize) // kv_shards  # per device
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         sampler = max_num_seqs * lm.config.vocab_size * 10
         reserve = 1 << 30  # activations and workspace of the largest bucket
         budget = stats["bytes_limit"] * ec.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        return max(int((budget - sampler - reserve) // per_block), 0)
+        n = max(int((budget - sampler - reserve) // per_block), 0)
+        if jax.process_count() > 1:   # every process must allocate the same global cache
+            from jax.experimental import multihost_utils
+            n = int(np.min(multihost_utils.process_allgather(np.int64(n))))
+        return n
     # CPU: no memory stats; enough for every sequence at full length, capped at 2 GiB
     tokens = min(max_num_seqs * max_model_len, (2 << 30) // lm.config.kv_bytes_per_token(kv_itemsize))
     return -(-max(tokens, max_model_len) // ec.block_size)
@@ -75,8 +80,8 @@ def memory_summary(lm: LoadedModel, usable_blocks: int, block_size: int, kv_item
     gib = 1 << 30
     w_bytes = cfg.num_params() * np.dtype(lm.dtype).itemsize
     # what one device really holds (replicated parameters count whole)
-    local = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(lm.model))
-                if isinstance(x, jax.Array))
+    local = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                for x in jax.tree.leaves(nnx.state(lm.model)) if isinstance(x, jax.Array))
     kv_tok = cfg.kv_bytes_per_token(kv_itemsize)
     tokens = usable_blocks * block_size
     return (f"memory: weights {w_bytes / gib:.2f} GiB total, {local / gib:.2f} GiB per device "

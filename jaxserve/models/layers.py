@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.attention import AttentionBackend, AttentionMetadata, AttentionSpec, LayerCache
+from jaxserve.attention import (AttentionBackend, AttentionMetadata, AttentionSpec, LayerCache,
+                                split_qkv)
 from jaxserve.config import ModelConfig, RopeConfig
 
 Array = jax.Array
@@ -108,17 +109,28 @@ class Attention(nnx.Module):
         qkv = jnp.einsum("TD,DKCH->TKCH", x, self.wqkv[...])
         if self.qkv_bias:
             qkv = qkv + self.bqkv[...]
-        g = qkv.shape[2] - 2
-        q = qkv[:, :, :g].reshape(qkv.shape[0], -1, self.head_dim)   # [T, N, H], head n = k*G + g
-        k, v = qkv[:, :, g], qkv[:, :, g + 1]                          # [T, K, H]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = jnp.asarray(rope_inv_freq(self.head_dim, self.rope))
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        out, cache = backend(q, k, v, cache, meta, positions, self.spec)   # [T, N, H]
+        qkv = self._norm_rope(qkv, positions)
+        attend_qkv = getattr(backend, "attend_qkv", None)
+        if attend_qkv is not None:   # the backend takes the fused rows (e.g. to fuse the KV write)
+            out, cache = attend_qkv(qkv, cache, meta, positions, self.spec)
+        else:
+            out, cache = backend(*split_qkv(qkv), cache, meta, positions, self.spec)   # [T, N, H]
         y = jnp.einsum("TNH,NHD->TD", out, self.wo[...])
         return _psum_if(y, self.wo[...].shape[0] < self.num_heads, tp_axis), cache
+
+
+    def _norm_rope(self, qkv: Array, positions: Array) -> Array:
+        """q/k norms (Qwen3) and RoPE on the query and key rows of [T, K, G+2, H]; value rows pass
+        through. One elementwise pass over the fused rows (XLA makes it one fusion)."""
+        t, kh, c, h = qkv.shape
+        g = c - 2
+        if self.qk_norm:
+            qkv = jnp.concatenate([self.q_norm(qkv[:, :, :g]), self.k_norm(qkv[:, :, g:g + 1]),
+                                   qkv[:, :, g + 1:]], axis=2)
+        inv_freq = jnp.asarray(rope_inv_freq(self.head_dim, self.rope))
+        roped = apply_rope(qkv.reshape(t, kh * c, h), positions, inv_freq).reshape(qkv.shape)
+        is_v = (jnp.arange(c) == g + 1)[None, None, :, None]
+        return jnp.where(is_v, qkv, roped)
 
 
 class MLP(nnx.Module):
