@@ -1,10 +1,11 @@
 """Paged decode attention (one query token per sequence), flash-decoding style.
 
-Cache layout (jaxserve's): k_cache, v_cache [P, B, K, H] — P pages of B tokens, K kv heads, H dims.
-Grid (S sequences, K kv heads, splits): each program takes the G = N/K query heads that share one kv
-head (padded to a power of two >= 16 rows for the tensor-core dot), walks its share of the
-sequence's page table `pages_per_block` pages at a time (a gather of whole pages), and keeps an
-online softmax in fp32. A jnp epilogue merges the splits (fp32 log-sum-exp merge).
+Cache layout (jaxserve's): k_cache, v_cache [P, B, K, H] — P pages of B tokens, K kv heads, H dims;
+the kernel sees it as token-slot rows [P*B, K, H] (a free reshape). Grid (S sequences, K kv heads,
+splits): each program takes the G = N/K query heads that share one kv head (padded to a power of
+two >= 16 rows for the tensor-core dot), walks its share of the sequence's page table
+`pages_per_block` pages at a time (one row gather of the tile's token slots), and keeps an online
+softmax in fp32. A jnp epilogue merges the splits (fp32 log-sum-exp merge).
 
 Fused variant (`paged_decode_fused`): the input is the layer's fused q/k/v rows of each kv head
 ([S, K, G+2, H]: G query heads, the new key, the new value; RoPE already applied), so no XLA
@@ -30,8 +31,8 @@ _MASK = -1e30
 def _decode_kernel(
     q_ref,        # [Gp, H]      query heads of this kv head (rows >= G are padding; fused: row G
                   #              is the new key, row G + 1 the new value)
-    k_ref,        # [P, B, H]    this kv head's slice of the key pages
-    v_ref,        # [P, B, H]
+    k_ref,        # [P*B, H]     this kv head's slice of the key pages, one row per token slot
+    v_ref,        # [P*B, H]
     tables_ref,   # [S, Mp]      page tables (padded with page 0)
     lens_ref,     # [S]          KV length of each sequence (0 = padding), new token included
     o_ref,        # [Gp, H]      partial output of this split (unnormalised / l)
@@ -43,13 +44,15 @@ def _decode_kernel(
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    page_size: int,
     new_row: int | None = None,   # fused: index G of the new key row
 ):
     s = pl.program_id(0)
     split = pl.program_id(2)
     gp, h = q_ref.shape
-    b = k_ref.shape[1]
+    b = page_size
     block = pages_per_block * b
+    slot = jnp.arange(block, dtype=jnp.int32)
     seq_len = lens_ref[s]
     # fused: the newest token comes from the input rows, the cache supplies the ones before it
     cached = seq_len if new_row is None else jnp.maximum(seq_len - 1, 0)
@@ -62,9 +65,10 @@ def _decode_kernel(
     def body(i, carry):
         o, m, l = carry
         p0 = first + i * pages_per_block
-        pages = tables_ref[s, pl.ds(p0, pages_per_block)]                 # [ppb]
-        k = k_ref[pages].reshape(block, h)                                # [ppb*B, H]
-        v = v_ref[pages].reshape(block, h)
+        # one gather of the tile's token rows (no [ppb, B, H] -> [ppb*B, H] reshape in the kernel)
+        rows = tables_ref[s, p0 + slot // b] * b + slot % b                 # [ppb*B]
+        k = k_ref[rows]                                                   # [ppb*B, H]
+        v = v_ref[rows]
         logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [Gp, ppb*B]
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
@@ -100,9 +104,9 @@ def _decode_kernel(
         @pl.when(mine)
         def _write():
             t = seq_len - 1
-            page = tables_ref[s, t // b]
-            ko_ref[page, t % b, :] = k_new.astype(ko_ref.dtype)
-            vo_ref[page, t % b, :] = v_new.astype(vo_ref.dtype)
+            row = tables_ref[s, t // b] * b + t % b
+            ko_ref[row, :] = k_new.astype(ko_ref.dtype)
+            vo_ref[row, :] = v_new.astype(vo_ref.dtype)
 
     o, m, l = jax.lax.fori_loop(0, n_iter, body, init)
     o_ref[...] = o
@@ -118,11 +122,15 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
     mp = tables.shape[1]
     kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
                                pages_per_split=pages_per_split, scale=scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap, new_row=new_row)
+                               sliding_window=sliding_window, soft_cap=soft_cap, page_size=b,
+                               new_row=new_row)
+    # token-slot rows: [P, B, K, H] -> [P*B, K, H] is a bitcast (the in-place update survives it)
+    k_rows = k_cache.reshape(p * b, k_heads, h)
+    v_rows = v_cache.reshape(p * b, k_heads, h)
     out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h), jnp.float32),
                  jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32),
                  jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)]
-    pages_spec = pl.BlockSpec((p, b, None, h), lambda i, j, c: (0, 0, j, 0))   # head j's pages
+    pages_spec = pl.BlockSpec((p * b, None, h), lambda i, j, c: (0, j, 0))   # head j's slots
     out_specs = [
         pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
         pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
@@ -130,15 +138,15 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
     ]
     aliases = {}
     if new_row is not None:   # the caches come back as outputs, updated in place
-        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        out_shape += [jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
+                      jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype)]
         out_specs += [pages_spec, pages_spec]
         aliases = {1: 3, 2: 4}
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid=(s_, k_heads, splits),
         in_specs=[
@@ -154,7 +162,10 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
         compiler_params=compiler_params,
         interpret=interpret,
         name="jaxserve_paged_decode" if new_row is None else "jaxserve_paged_decode_fused",
-    )(q, k_cache, v_cache, tables, lens)
+    )(q, k_rows, v_rows, tables, lens)
+    if new_row is not None:
+        outs = [*outs[:3], outs[3].reshape(k_cache.shape), outs[4].reshape(v_cache.shape)]
+    return outs
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "splits", "pages_per_block", "sliding_window",

@@ -8,7 +8,9 @@ Work items: each sequence's new tokens are cut into blocks of `block_q` tokens; 
 s is one program per kv head (grid: max work items x K). The program loads the block's queries for
 the G = N/K query heads that share the kv head ([block_q * Gp, H] rows; G padded to a power of two),
 walks the sequence's pages `pages_per_block` at a time up to the block's last position (skipping
-pages before a sliding window), masks causally, and keeps an online softmax in fp32. Rows of
+pages before a sliding window) and keeps an online softmax in fp32: tiles wholly before the
+block's first query run without masks, the diagonal tiles mask causally. K/V tiles are one gather
+of token-slot rows (the cache seen as [P*B, K, H], a free reshape). Rows of
 padding tokens are left zero (the output buffer is zero-initialised and aliased), and each program
 stores only its own valid rows.
 
@@ -31,8 +33,8 @@ _MASK = -1e30
 def _prefill_kernel(
     work_ref,     # [W, 3]       per work item: sequence, first token, number of tokens (0 = none)
     q_ref,        # [Tp*Gp, H]   this kv head's queries, token-major (row r: token r // Gp)
-    k_ref,        # [P, B, H]    this kv head's key pages
-    v_ref,        # [P, B, H]
+    k_ref,        # [P*B, H]     this kv head's key pages, one row per token slot
+    v_ref,        # [P*B, H]
     tables_ref,   # [S, Mp]      page tables (padded with page 0)
     lens_ref,     # [S]          KV length of each sequence, new tokens included
     qsl_ref,      # [S+1]        query start offsets
@@ -45,16 +47,18 @@ def _prefill_kernel(
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    page_size: int,
 ):
     del o_in_ref
     w = pl.program_id(0)
     seq = work_ref[w, 0]
     start = work_ref[w, 1]
     count = work_ref[w, 2]
-    b = k_ref.shape[1]
-    h = k_ref.shape[2]
+    b = page_size
+    h = k_ref.shape[1]
     rows = block_q * gp
     block = pages_per_block * b
+    slot = jnp.arange(block, dtype=jnp.int32)
 
     @pl.when(count > 0)
     def _():
@@ -75,16 +79,32 @@ def _prefill_kernel(
             lowest = ctx + (start - first_tok) - sliding_window + 1
             first_page = jnp.maximum(lowest, 0) // b // pages_per_block * pages_per_block
 
-        def body(i, carry):
-            o, m, l = carry
-            p0 = first_page + i * pages_per_block
-            pages = tables_ref[seq, pl.ds(p0, pages_per_block)]
-            k = k_ref[pages].reshape(block, h)
-            v = v_ref[pages].reshape(block, h)
+        def tile(p0):
+            # one gather of the tile's token rows (no [ppb, B, H] -> [ppb*B, H] reshape)
+            kv_rows = tables_ref[seq, p0 + slot // b] * b + slot % b
+            k = k_ref[kv_rows]
+            v = v_ref[kv_rows]
             logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [rows, block]
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
-            kpos = p0 * b + jnp.arange(block, dtype=jnp.int32)
+            return logits, v
+
+        def body_full(i, carry):
+            # a tile wholly before the block's first query: every key visible to every row, all
+            # slots written, so no masks
+            o, m, l = carry
+            logits, v = tile(i * pages_per_block)
+            m_new = jnp.maximum(m, logits.max(axis=-1))
+            p = jnp.exp(logits - m_new[:, None])
+            corr = jnp.exp(m - m_new)
+            o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return o, m_new, l * corr + p.sum(axis=-1)
+
+        def body(i, carry):
+            o, m, l = carry
+            p0 = first_page + i * pages_per_block
+            logits, v = tile(p0)
+            kpos = p0 * b + slot
             valid = (kpos[None, :] <= pos[:, None]) & row_ok[:, None]
             if sliding_window is not None:
                 valid &= kpos[None, :] > pos[:, None] - sliding_window
@@ -97,9 +117,14 @@ def _prefill_kernel(
             o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             return o, m_new, l * corr + p.sum(axis=-1)
 
-        n_iter = (n_pages - first_page + pages_per_block - 1) // pages_per_block
         init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
                 jnp.zeros((rows,), jnp.float32))
+        if sliding_window is None:
+            # unmasked tiles first (keys before the block's first query), then the diagonal ones
+            n_full = (ctx + (start - first_tok)) // block
+            init = jax.lax.fori_loop(0, n_full, body_full, init)
+            first_page = n_full * pages_per_block
+        n_iter = (n_pages - first_page + pages_per_block - 1) // pages_per_block
         o, _, l = jax.lax.fori_loop(0, n_iter, body, init)
         out = o / jnp.maximum(l, 1e-30)[:, None]
         # only this block's valid rows: the rows after them belong to the next sequence's block
@@ -115,7 +140,7 @@ def _prefill_call(work, qk, k_cache, v_cache, tables, lens, qsl, *, block_q, gp,
     w = work.shape[0]
     kernel = functools.partial(_prefill_kernel, block_q=block_q, gp=gp,
                                pages_per_block=pages_per_block, scale=scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
+                               sliding_window=sliding_window, soft_cap=soft_cap, page_size=b)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -126,8 +151,8 @@ def _prefill_call(work, qk, k_cache, v_cache, tables, lens, qsl, *, block_q, gp,
         in_specs=[
             pl.BlockSpec((w, 3), lambda i, j: (0, 0)),                         # work items
             pl.BlockSpec((None, rows_total, h), lambda i, j: (j, 0, 0)),       # queries, head j
-            pl.BlockSpec((p, b, None, h), lambda i, j: (0, 0, j, 0)),          # k pages, head j
-            pl.BlockSpec((p, b, None, h), lambda i, j: (0, 0, j, 0)),          # v pages, head j
+            pl.BlockSpec((p * b, None, h), lambda i, j: (0, j, 0)),            # k slots, head j
+            pl.BlockSpec((p * b, None, h), lambda i, j: (0, j, 0)),            # v slots, head j
             pl.BlockSpec((s_, mp), lambda i, j: (0, 0)),                       # page tables
             pl.BlockSpec((s_,), lambda i, j: (0,)),                            # lengths
             pl.BlockSpec((s_ + 1,), lambda i, j: (0,)),                        # query starts
@@ -139,7 +164,8 @@ def _prefill_call(work, qk, k_cache, v_cache, tables, lens, qsl, *, block_q, gp,
         compiler_params=compiler_params,
         interpret=interpret,
         name="jaxserve_paged_prefill",
-    )(work, qk, k_cache, v_cache, tables, lens, qsl, zeros)
+    )(work, qk, k_cache.reshape(p * b, k_heads, h), v_cache.reshape(p * b, k_heads, h), tables,
+      lens, qsl, zeros)
 
 
 def work_items(query_start_loc: jax.Array, block_q: int, max_items: int) -> jax.Array:
@@ -150,7 +176,9 @@ def work_items(query_start_loc: jax.Array, block_q: int, max_items: int) -> jax.
     n_blocks = (n_new + block_q - 1) // block_q
     ends = jnp.cumsum(n_blocks)                                   # work items up to each sequence
     w = jnp.arange(max_items, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+    # searchsorted(ends, w, side="right") as one compare-and-count: jnp.searchsorted's default
+    # method is a loop, which on the GPU runs as an XLA while loop (host round trips per level)
+    seq = jnp.sum(ends[None, :] <= w[:, None], axis=1).astype(jnp.int32)
     ok = seq < n_new.shape[0]
     seq_c = jnp.minimum(seq, n_new.shape[0] - 1)
     j = w - (ends[seq_c] - n_blocks[seq_c])

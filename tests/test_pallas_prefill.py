@@ -59,6 +59,20 @@ def test_prefill_kernel_bf16_head_dim_128_page_64():
                                rtol=_tol(jnp.bfloat16), atol=_tol(jnp.bfloat16))
 
 
+def test_prefill_kernel_long_prefix_unmasked_tiles():
+    """Chunks after a long cached prefix: each query block first runs the unmasked tiles (keys
+    before its first query), then the masked diagonal ones; blocks of one chunk split the two
+    differently (the boundary moves with the block's first position)."""
+    rng = np.random.default_rng(13)
+    args = _case(rng, 8, 2, 64, 16, [(70, 40), (33, 2), (0, 50)])
+    want = paged_prefill_reference(*args, scale=0.125)
+    for block_q, ppb in [(2, 1), (8, 2)]:
+        got = paged_prefill_attention(*args, scale=0.125, block_q=block_q, pages_per_block=ppb,
+                                      interpret=not ON_GPU)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=_tol(jnp.float32),
+                                   atol=_tol(jnp.float32))
+
+
 def test_prefill_kernel_page_128_crossing_pages():
     rng = np.random.default_rng(12)
     args = _case(rng, 4, 2, 64, 128, [(120, 20), (0, 5), (255, 1)])
