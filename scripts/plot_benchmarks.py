@@ -17,14 +17,7 @@ def load(name: str) -> dict:
         return json.load(f)
 
 
-def main() -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(IMG, exist_ok=True)
-
-    peer = load("peer_h100_qwen2.5-7b.json")
+def peer_figure(plt, peer: dict, name: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, row in zip(axes, peer["rows"]):
         ax.bar(["HF transformers", "jaxserve"], [row["hf_tok_s"], row["jaxserve_tok_s"]],
@@ -37,7 +30,18 @@ def main() -> None:
         ax.set_ylabel("output tok/s")
     fig.suptitle(f"Qwen2.5-7B shape, same random bf16 weights, same run ({peer['device']})")
     fig.tight_layout()
-    fig.savefig(os.path.join(IMG, "peer_h100.png"), dpi=110)
+    fig.savefig(os.path.join(IMG, name), dpi=110)
+
+
+def main() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(IMG, exist_ok=True)
+
+    for card in ("h100", "h200"):
+        peer_figure(plt, load(f"peer_{card}_qwen2.5-7b.json"), f"peer_{card}.png")
 
     prog = load("engine_progress_h200.json")
     labels = [s["label"] for s in prog["steps"]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,23 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.scale[...] * xf.astype(x.dtype)
+
+    def add_norm(self, h: Array, residual: Array) -> tuple[Array, Array]:
+        """Pre-norm residual step: s = h + residual; returns (norm(s), s). [T, D] each. On GPUs
+        (JAXSERVE_FUSED_NORM=1) one Pallas kernel instead of XLA's add, reduce and scale."""
+        if _fused_norm():
+            from pallas_kernels.rms_norm import add_rms_norm
+            return add_rms_norm(h, residual, self.scale[...], eps=self.eps,
+                                interpret=jax.default_backend() != "gpu")
+        s = h + residual
+        return self(s), s
+
+
+def _fused_norm() -> bool:
+    """JAXSERVE_FUSED_NORM=1: the Pallas kernel (interpret mode off GPU, for tests); default XLA
+    (the kernel measured no faster on an H200, docs/benchmarks.md). Read when a layer is traced,
+    so it is a per-process setting."""
+    return os.environ.get("JAXSERVE_FUSED_NORM", "0") == "1"
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
@@ -155,18 +173,21 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, cache, meta, backend, tp_axis=None):
-        h, cache = self.attn(self.input_norm(x), positions, cache, meta, backend, tp_axis)
-        x = x + h
-        x = x + self.mlp(self.post_attn_norm(x), tp_axis)
-        return x, cache
+    def __call__(self, h, residual, positions, cache, meta, backend, tp_axis=None):
+        """h: the previous block's output, residual: the stream before it ([T, D] each). Returns
+        this layer's MLP output and the residual stream before it: the add is done by the next
+        norm (`add_norm`), so it fuses with it."""
+        x, residual = self.input_norm.add_norm(h, residual)
+        a, cache = self.attn(x, positions, cache, meta, backend, tp_axis)
+        x, residual = self.post_attn_norm.add_norm(a, residual)
+        return self.mlp(x, tp_axis), residual, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _run_layer(graphdef, state, x, positions, cache, meta, backend, tp_axis):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _run_layer(graphdef, state, h, residual, positions, cache, meta, backend, tp_axis):
     # NOTE: every layer has the same structure and shapes, so this is traced and lowered once per
     # step shape and called L times (XLA inlines the calls): start-up traces one layer, not L.
-    return nnx.merge(graphdef, state)(x, positions, cache, meta, backend, tp_axis)
+    return nnx.merge(graphdef, state)(h, residual, positions, cache, meta, backend, tp_axis)
 
 
 class CausalLM(nnx.Module):
@@ -205,11 +226,13 @@ class CausalLM(nnx.Module):
         else:
             x = table[input_ids]
         new_caches = []
+        h, residual = x, jnp.zeros_like(x)   # layer 0's add_norm: embeddings + 0
         for layer, cache in zip(self.layers, kv_caches):
             graphdef, state = nnx.split(layer)
-            x, cache = _run_layer(graphdef, state, x, positions, cache, meta, backend, tp_axis)
+            h, residual, cache = _run_layer(graphdef, state, h, residual, positions, cache, meta,
+                                            backend, tp_axis)
             new_caches.append(cache)
-        return self.norm(x), new_caches
+        return self.norm.add_norm(h, residual)[0], new_caches
 
     def compute_logits(self, hidden: Array, tp_axis: str | None = None) -> Array:
         """[S, D] -> [S, V] float32 (vocab-split heads are gathered whole)."""
