@@ -88,18 +88,22 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
         for label, seqs in cases.items():
             q, kc, vc, tables, lens, qsl = make_ragged(seqs, n, k, h)
             flops = prefill_flops(qsl, lens, n, h)
+            # device arrays: numpy inputs would be copied to the GPU on every timed call, a host
+            # cost (~0.2 ms) that hid the kernel time of the small steps in earlier figures
+            d_tables, d_lens, d_qsl = jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
             bq, ppb, warps, stages = prefill_params(kind, n // k, h, 16)
             ours = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention(
                 q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
                 num_warps=warps, num_stages=stages))
-            t_ours = timeit(ours, q, kc, vc, tables, lens, qsl)
+            t_ours = timeit(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             meta, pos = build_metadata([(tables[i].tolist(), c, x) for i, (c, x) in enumerate(seqs)],
                                        block_size=16, num_tokens=q.shape[0], num_seqs=len(seqs),
                                        max_blocks_per_seq=tables.shape[1])
+            meta, pos = jax.tree.map(jnp.asarray, meta), jnp.asarray(pos)
             spec = AttentionSpec(scale=h ** -0.5)
             ref = jax.jit(lambda q, kc, vc, meta, pos: paged_attention_blockwise(q, kc, vc, meta, pos, spec))
             t_ref = timeit(ref, q, kc, vc, meta, pos, iters=3, rounds=3)
-            err = float(jnp.max(jnp.abs(ours(q, kc, vc, tables, lens, qsl).astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(ours(q, kc, vc, d_tables, d_lens, d_qsl).astype(jnp.float32)
                                         - ref(q, kc, vc, meta, pos).astype(jnp.float32))))
             tf = lambda t: flops / t / 1e12
             row = {"heads": name, "step": label, "flops": flops, "ours_us": t_ours * 1e6,
@@ -115,6 +119,7 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
         n, k, h = HEADS["qwen2.5-7b"]
         q, kc, vc, tables, lens, qsl = make_ragged([(0, 2048)], n, k, h)
         flops = prefill_flops(qsl, lens, n, h)
+        tables, lens, qsl = jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
         for bq in (8, 16, 32):
             for ppb in (2, 4, 8):
                 for warps in (4, 8):
