@@ -10,7 +10,8 @@ from __future__ import annotations
 # (device_kind substring, q_heads, kv_heads, head_dim, page_size) -> (pages_per_block, num_warps, num_stages)
 TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {
     # NVIDIA H200, 2026-11-26, scripts/bench_attention.py --sweep (B=64, L=2048, bf16): best of
-    # splits {1,2,4,8} x pages_per_block {4,8,16} x warps {4,8} x stages {1,2,3}
+    # splits {1,2,4,8} x pages_per_block {4,8,16} x warps {4,8} x stages {1,2,3}; swept before the
+    # kernels gathered token rows (2026-11-27), not re-swept since
     ("H200", 28, 4, 128, 16): (4, 4, 1),
     ("H200", 32, 8, 128, 16): (4, 4, 1),
     # H100: same Hopper SM count; taken from the H200 sweep until measured on an H100
