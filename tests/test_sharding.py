@@ -101,6 +101,10 @@ def test_tp_mesh_spanning_two_processes_equals_single_device(tp_results, tmp_pat
     assert res["compiles_after_warmup"] == 0
     followed = [x for x in outs[1][0].splitlines() if x.startswith("FOLLOWED ")]
     assert followed and int(followed[-1].split()[1]) > 0
+    # both processes planned the cache and printed the memory line (per-device weights are read
+    # from the shardings: a replicated array's shards are not addressable that way across processes)
+    for _, err in outs:
+        assert "GiB per device (tp=2)" in err
 
 
 def test_rules_table():

@@ -21,8 +21,8 @@ assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_de
 prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
 sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 llm = LLM(tiny_loaded(seed=13), mesh="tp=2", max_model_len=64, max_num_seqs=4,
-          max_num_batched_tokens=32, block_size=8, num_kv_blocks=40, compilation_cache_dir=None,
-          show_progress=False)
+          max_num_batched_tokens=32, block_size=8, compilation_cache_dir=None,
+          show_progress=True)   # planned KV pages and the start-up memory line, on every process
 wqkv = llm.loaded.model.layers[0].attn.wqkv[...]
 if jax.process_index() == 0:
     outs = llm.generate(prompts, sp, use_tqdm=False)
