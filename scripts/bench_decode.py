@@ -5,6 +5,13 @@
 Measures the HBM read ceiling first (sum over a 4 GiB bf16 array), then for each batch size runs
 `batch` requests of random prompts through `LLM.generate` (ignore_eos) and reports the median of
 `--repeats` runs: output tok/s, and for batch 1 the ratio to the weights-read roofline.
+
+Several processes (one GPU each; tp across them), e.g. two on one host:
+    JAX_LOCAL_DEVICE_IDS=1 python scripts/bench_decode.py --mesh tp=2 --coordinator-address \
+        127.0.0.1:12355 --num-processes 2 --process-id 1 &
+    JAX_LOCAL_DEVICE_IDS=0 python scripts/bench_decode.py --mesh tp=2 --coordinator-address \
+        127.0.0.1:12355 --num-processes 2 --process-id 0
+Process 0 times (end-to-end figures only); the others replay its steps.
 """
 
 from __future__ import annotations
