@@ -72,7 +72,7 @@ def _decode_kernel(
         logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [Gp, ppb*B]
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
-        pos = p0 * b + jnp.arange(block, dtype=jnp.int32)
+        pos = p0 * b + slot
         valid = (pos < cached) & (pos < last * b)
         if sliding_window is not None:
             valid &= pos > seq_len - 1 - sliding_window
@@ -189,27 +189,29 @@ def paged_decode_attention(
     s_, n, h = q.shape
     k_heads = k_cache.shape[2]
     g = n // k_heads
-    gp = max(16, 1 << (g - 1).bit_length())
-    qg = q.reshape(s_, k_heads, g, h)
-    if gp != g:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    tables, pages_per_block, pages_per_split = _split_layout(block_tables, splits, pages_per_block)
-    o, mx, l = _decode_call(qg, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
-                            pages_per_block=pages_per_block, pages_per_split=pages_per_split,
-                            scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    o, mx, l = _launch(q.reshape(s_, k_heads, g, h), k_cache, v_cache, block_tables, seq_lens,
+                       splits=splits, pages_per_block=pages_per_block, scale=scale,
+                       sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
+                       num_stages=num_stages, interpret=interpret)
     return _merge_splits(o, mx, l, g).reshape(s_, n, h).astype(q.dtype)
 
 
-def _split_layout(block_tables, splits: int, pages_per_block: int):
-    """Page tables padded to a whole number of blocks per split; (tables, ppb, pages per split)."""
+def _launch(rows, k_cache, v_cache, block_tables, seq_lens, *, splits, pages_per_block,
+            new_row=None, **knobs):
+    """Pad each kv head's rows [S, K, R, H] to a power of two >= 16 (the tensor-core dot), lay the
+    page tables out per split, and run the kernel."""
+    r = rows.shape[2]
+    rp = max(16, 1 << (r - 1).bit_length())
+    if rp != r:
+        rows = jnp.pad(rows, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
     m = block_tables.shape[1]
     pages_per_block = min(pages_per_block, 1 << (m - 1).bit_length())
     pages_per_split = -(-m // splits)
     pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
-    mp = pages_per_split * splits
-    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, mp - m)))
-    return tables, pages_per_block, pages_per_split
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pages_per_split * splits - m)))
+    return _decode_call(rows, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
+                        pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+                        new_row=new_row, **knobs)
 
 
 def _merge_splits(o, mx, l, g: int):
@@ -245,14 +247,11 @@ def paged_decode_fused(
     context. Inside a jitted step whose caches are donated, the update is in place."""
     s_, k_heads, c, h = qkv.shape
     g = c - 2
-    gp = max(16, 1 << (c - 1).bit_length())
-    qkv_p = jnp.pad(qkv, ((0, 0), (0, 0), (0, gp - c), (0, 0))) if gp != c else qkv
-    tables, pages_per_block, pages_per_split = _split_layout(block_tables, splits, pages_per_block)
-    o, mx, l, k_cache, v_cache = _decode_call(
-        qkv_p, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
-        pages_per_block=pages_per_block, pages_per_split=pages_per_split, scale=scale,
-        sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, new_row=g)
+    o, mx, l, k_cache, v_cache = _launch(
+        qkv, k_cache, v_cache, block_tables, seq_lens, splits=splits,
+        pages_per_block=pages_per_block, scale=scale, sliding_window=sliding_window,
+        soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        new_row=g)
     out = _merge_splits(o, mx, l, g).reshape(s_, k_heads * g, h).astype(qkv.dtype)
     return out, k_cache, v_cache
 

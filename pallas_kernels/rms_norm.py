@@ -70,9 +70,8 @@ def add_rms_norm(
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:   # (normalised [T, D], new residual h + residual [T, D])
-    out, res = _add_rms_norm_call(h, residual, weight.astype(h.dtype), eps=eps,
-                                  num_warps=num_warps, interpret=interpret)
-    return out, res
+    return tuple(_add_rms_norm_call(h, residual, weight.astype(h.dtype), eps=eps,
+                                    num_warps=num_warps, interpret=interpret))
 
 
 def add_rms_norm_reference(h, residual, weight, *, eps: float):
