@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 _MASK = -1e30
+_LOG2E = 1.4426950408889634   # logits are kept in base 2: exp2 is one special-function op, exp is not
 
 
 def _decode_kernel(
@@ -35,10 +36,9 @@ def _decode_kernel(
     v_ref,        # [P*B, H]
     tables_ref,   # [S, Mp]      page tables (padded with page 0)
     lens_ref,     # [S]          KV length of each sequence (0 = padding), new token included
-    o_ref,        # [Gp, H]      partial output of this split (unnormalised / l)
-    m_ref,        # [Gp]         running max of this split
-    l_ref,        # [Gp]         running sum of this split
-    *cache_out,   # fused: (k pages, v pages) of this kv head, aliased to k_ref / v_ref
+    *out_refs,    # o [Gp, H] (this split's output / l), m [Gp] and l [Gp] (its running max and
+                  # sum; absent with one split, whose o is the final normalised output), then
+                  # fused: (k pages, v pages) of this kv head, aliased to k_ref / v_ref
     pages_per_block: int,
     pages_per_split: int,
     scale: float,
@@ -46,7 +46,10 @@ def _decode_kernel(
     soft_cap: float | None,
     page_size: int,
     new_row: int | None = None,   # fused: index G of the new key row
+    splits: int = 2,
 ):
+    o_ref, m_ref, l_ref = out_refs[:3] if splits > 1 else (out_refs[0], None, None)
+    cache_out = out_refs[3:] if splits > 1 else out_refs[1:]
     s = pl.program_id(0)
     split = pl.program_id(2)
     gp, h = q_ref.shape
@@ -59,33 +62,41 @@ def _decode_kernel(
     n_pages = (cached + b - 1) // b
     first = split * pages_per_split
     last = jnp.minimum(first + pages_per_split, n_pages)
-    q = q_ref[...].astype(jnp.float32) * scale
+    # base-2 logits: log2(e) folds into the query scale (after the soft cap when there is one)
+    q = q_ref[...].astype(jnp.float32) * (scale if soft_cap is not None else scale * _LOG2E)
     q = q.astype(k_ref.dtype)
 
-    def body(i, carry):
+    def cap(x):
+        return x if soft_cap is None else soft_cap * jnp.tanh(x / soft_cap) * _LOG2E
+
+    def step(i, carry, masked: bool):
         o, m, l = carry
         p0 = first + i * pages_per_block
         # one gather of the tile's token rows (no [ppb, B, H] -> [ppb*B, H] reshape in the kernel)
         rows = tables_ref[s, p0 + slot // b] * b + slot % b                 # [ppb*B]
         k = k_ref[rows]                                                   # [ppb*B, H]
         v = v_ref[rows]
-        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [Gp, ppb*B]
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        pos = p0 * b + slot
-        valid = (pos < cached) & (pos < last * b)
-        if sliding_window is not None:
-            valid &= pos > seq_len - 1 - sliding_window
-        logits = jnp.where(valid[None, :], logits, _MASK)
+        logits = cap(jnp.dot(q, k.T, preferred_element_type=jnp.float32))  # [Gp, ppb*B]
+        if masked:
+            pos = p0 * b + slot
+            valid = (pos < cached) & (pos < last * b)
+            if sliding_window is not None:
+                valid &= pos > seq_len - 1 - sliding_window
+            logits = jnp.where(valid[None, :], logits, _MASK)
         m_new = jnp.maximum(m, logits.max(axis=-1))
-        p = jnp.exp(logits - m_new[:, None])
-        p = jnp.where(valid[None, :], p, 0.0)
-        corr = jnp.exp(m - m_new)
-        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unused slots may hold NaN
+        p = jnp.exp2(logits - m_new[:, None])
+        if masked:
+            p = jnp.where(valid[None, :], p, 0.0)
+            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unused slots may hold NaN
+        corr = jnp.exp2(m - m_new)
         o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l * corr + p.sum(axis=-1)
 
     n_iter = jnp.maximum(last - first + pages_per_block - 1, 0) // pages_per_block
+    # tiles wholly inside the cached tokens and the split (and no window) need no masks
+    n_full = 0
+    if sliding_window is None:
+        n_full = jnp.clip((jnp.minimum(cached // b, last) - first) // pages_per_block, 0, n_iter)
     init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _MASK, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
     if new_row is not None:
@@ -93,9 +104,7 @@ def _decode_kernel(
         k_new = q_ref[new_row, :]
         v_new = q_ref[new_row + 1, :]
         mine = (split == 0) & (seq_len > 0)
-        logit = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1)
-        if soft_cap is not None:
-            logit = soft_cap * jnp.tanh(logit / soft_cap)
+        logit = cap(jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1))
         ones = jnp.ones((gp,), jnp.float32)
         init = (jnp.where(mine, ones[:, None] * v_new.astype(jnp.float32)[None, :], init[0]),
                 jnp.where(mine, logit, init[1]), jnp.where(mine, ones, init[2]))
@@ -108,7 +117,12 @@ def _decode_kernel(
             ko_ref[row, :] = k_new.astype(ko_ref.dtype)
             vo_ref[row, :] = v_new.astype(vo_ref.dtype)
 
-    o, m, l = jax.lax.fori_loop(0, n_iter, body, init)
+    carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+    o, m, l = jax.lax.fori_loop(n_full, n_iter, functools.partial(step, masked=True), carry)
+    if m_ref is None:   # one split: the normalised output, no merge after the kernel
+        o_ref[...] = jnp.where(l[:, None] > 0, o / jnp.maximum(l, 1e-30)[:, None],
+                               0.0).astype(o_ref.dtype)
+        return
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -123,25 +137,25 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
     kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
                                pages_per_split=pages_per_split, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, page_size=b,
-                               new_row=new_row)
+                               new_row=new_row, splits=splits)
     # token-slot rows: [P, B, K, H] -> [P*B, K, H] is a bitcast (the in-place update survives it)
     k_rows = k_cache.reshape(p * b, k_heads, h)
     v_rows = v_cache.reshape(p * b, k_heads, h)
-    out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h), jnp.float32),
-                 jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32),
-                 jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)]
+    # one split writes its normalised output in the query dtype; several write fp32 partials and
+    # their running max and sum for the merge
+    out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h),
+                                      q.dtype if splits == 1 else jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0))]
+    if splits > 1:
+        out_shape += [jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)] * 2
+        out_specs += [pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0))] * 2
     pages_spec = pl.BlockSpec((p * b, None, h), lambda i, j, c: (0, j, 0))   # head j's slots
-    out_specs = [
-        pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
-        pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
-        pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
-    ]
     aliases = {}
     if new_row is not None:   # the caches come back as outputs, updated in place
+        aliases = {1: len(out_shape), 2: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
                       jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype)]
         out_specs += [pages_spec, pages_spec]
-        aliases = {1: 3, 2: 4}
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -164,7 +178,7 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
         name="jaxserve_paged_decode" if new_row is None else "jaxserve_paged_decode_fused",
     )(q, k_rows, v_rows, tables, lens)
     if new_row is not None:
-        outs = [*outs[:3], outs[3].reshape(k_cache.shape), outs[4].reshape(v_cache.shape)]
+        outs = [*outs[:-2], outs[-2].reshape(k_cache.shape), outs[-1].reshape(v_cache.shape)]
     return outs
 
 
@@ -189,11 +203,11 @@ def paged_decode_attention(
     s_, n, h = q.shape
     k_heads = k_cache.shape[2]
     g = n // k_heads
-    o, mx, l = _launch(q.reshape(s_, k_heads, g, h), k_cache, v_cache, block_tables, seq_lens,
-                       splits=splits, pages_per_block=pages_per_block, scale=scale,
-                       sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
-                       num_stages=num_stages, interpret=interpret)
-    return _merge_splits(o, mx, l, g).reshape(s_, n, h).astype(q.dtype)
+    outs = _launch(q.reshape(s_, k_heads, g, h), k_cache, v_cache, block_tables, seq_lens,
+                   splits=splits, pages_per_block=pages_per_block, scale=scale,
+                   sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
+    return _merge_splits(outs, g).reshape(s_, n, h).astype(q.dtype)
 
 
 def _launch(rows, k_cache, v_cache, block_tables, seq_lens, *, splits, pages_per_block,
@@ -214,10 +228,14 @@ def _launch(rows, k_cache, v_cache, block_tables, seq_lens, *, splits, pages_per
                         new_row=new_row, **knobs)
 
 
-def _merge_splits(o, mx, l, g: int):
-    """fp32 log-sum-exp merge of the splits' partial results -> [S, K, G, H] float32."""
+def _merge_splits(outs, g: int):
+    """fp32 log-sum-exp merge of the splits' partial results -> [S, K, G, H] (one split: its
+    output, already normalised, without the padding rows)."""
+    if len(outs) == 1:
+        return outs[0][0, :, :, :g, :]
+    o, mx, l = outs
     m_all = mx.max(axis=0)                                      # [S, K, Gp]
-    w = jnp.exp(mx - m_all[None])                               # [splits, S, K, Gp]
+    w = jnp.exp2(mx - m_all[None])          # the kernel's running maxima are base-2 logits                               # [splits, S, K, Gp]
     l_all = (l * w).sum(axis=0)
     o_all = (o * w[..., None]).sum(axis=0)
     out = jnp.where(l_all[..., None] > 0, o_all / jnp.maximum(l_all, 1e-30)[..., None], 0.0)
@@ -247,12 +265,12 @@ def paged_decode_fused(
     context. Inside a jitted step whose caches are donated, the update is in place."""
     s_, k_heads, c, h = qkv.shape
     g = c - 2
-    o, mx, l, k_cache, v_cache = _launch(
+    *outs, k_cache, v_cache = _launch(
         qkv, k_cache, v_cache, block_tables, seq_lens, splits=splits,
         pages_per_block=pages_per_block, scale=scale, sliding_window=sliding_window,
         soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         new_row=g)
-    out = _merge_splits(o, mx, l, g).reshape(s_, k_heads * g, h).astype(qkv.dtype)
+    out = _merge_splits(outs, g).reshape(s_, k_heads * g, h).astype(qkv.dtype)
     return out, k_cache, v_cache
 
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 # (device_kind substring, q_heads, kv_heads, head_dim, page_size) -> (pages_per_block, num_warps, num_stages)
 TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {
-    # NVIDIA H200, 2026-11-26, scripts/bench_attention.py --sweep (B=64, L=2048, bf16): best of
-    # splits {1,2,4,8} x pages_per_block {4,8,16} x warps {4,8} x stages {1,2,3}; swept before the
-    # kernels gathered token rows (2026-11-27), not re-swept since
-    ("H200", 28, 4, 128, 16): (4, 4, 1),
-    ("H200", 32, 8, 128, 16): (4, 4, 1),
+    # NVIDIA H200, 2026-11-27, the grid of scripts/bench_attention.py --sweep after the token-row
+    # gathers, base-2 softmax and unmasked full tiles (B=64, L=2048, bf16): best of splits {1,2} x
+    # pages_per_block {4,8,16} x warps {2,4} x stages {2,3,4}; Qwen heads 83.3 µs (splits 2, the heuristic's
+    # choice) vs 81.2 µs for the sweep's best (1 split, 8 pages, 2 warps, 3 stages), Llama heads
+    # 139.9 µs (1 split). Before the row gathers the best had 1 stage; now 2-3 stages pipeline
+    # the gathers.
+    ("H200", 28, 4, 128, 16): (4, 4, 3),
+    ("H200", 32, 8, 128, 16): (4, 4, 3),
     # H100: same Hopper SM count; taken from the H200 sweep until measured on an H100
-    ("H100", 28, 4, 128, 16): (4, 4, 1),
-    ("H100", 32, 8, 128, 16): (4, 4, 1),
+    ("H100", 28, 4, 128, 16): (4, 4, 3),
+    ("H100", 32, 8, 128, 16): (4, 4, 3),
 }
 
 _SMS = {"H100": 132, "H200": 132}
@@ -39,22 +42,28 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
 # (device_kind substring, q_heads per kv head, head_dim, page_size)
 #     -> (block_q, pages_per_block, num_warps, num_stages)
 PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int]] = {
-    # NVIDIA H200, 2026-11-26, scripts/bench_attention.py --prefill-only --sweep (Qwen2.5-7B heads,
-    # one 2048-token chunk): the default below (311.8 µs) was as fast as the sweep's best
-    # (block_q 8, 4 pages, 4 warps, 2 stages: 314.0 µs), so it is kept
-    ("H200", 7, 128, 16): (16, 4, 8, 2),
+    # NVIDIA H200, 2026-11-27, bench_attention.py --prefill --sweep's grid on one 2048-token
+    # chunk, bf16, heavy-first work order: Qwen2.5-7B heads
+    # (group 7): best of block_q {8,16,32} x pages {4,8} x warps {4,8} x stages {1,2,3}, 181.2 µs
+    # (3 stages; 2 stages 183.4 µs); Llama-3-8B heads (group 4): block_q 16 x pages {4,8} x warps
+    # {4,8} at 2 stages, 192.4 µs. 4 warps beat 8 everywhere.
+    ("H200", 7, 128, 16): (8, 4, 4, 3),
+    ("H200", 4, 128, 16): (16, 4, 4, 2),
+    # H100: taken from the H200 sweep until measured on an H100
+    ("H100", 7, 128, 16): (8, 4, 4, 3),
+    ("H100", 4, 128, 16): (16, 4, 4, 2),
 }
 
 
 def prefill_params(device_kind: str, group: int, head_dim: int,
                    page_size: int) -> tuple[int, int, int, int]:
     """Launch parameters of the ragged prefill kernel. Untuned default: ~128 query rows per
-    program (block_q tokens x the group's heads padded to a power of two) against 64 keys."""
+    program (block_q tokens x the group's heads padded to a power of two) against 64 keys,
+    4 warps."""
     for (card, g, h, b), val in PREFILL_TABLE.items():
         if card in device_kind and (g, h, b) == (group, head_dim, page_size):
             return val
     gp = 1 << (group - 1).bit_length()
     block_q = max(1, 128 // gp)
     ppb = max(1, 64 // page_size)
-    warps = 8 if head_dim >= 128 else 4
-    return block_q, ppb, warps, 2
+    return block_q, ppb, 4, 2

@@ -121,9 +121,9 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
         flops = prefill_flops(qsl, lens, n, h)
         tables, lens, qsl = jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
         for bq in (8, 16, 32):
-            for ppb in (2, 4, 8):
+            for ppb in (4, 8):
                 for warps in (4, 8):
-                    for stages in (1, 2):
+                    for stages in (1, 2, 3):
                         f = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention(
                             q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
                             num_warps=warps, num_stages=stages))
@@ -223,10 +223,10 @@ def main() -> None:
         n, k, h = HEADS["qwen2.5-7b"]
         q, kc, vc, tables, lens = make_case(64, 2048, n, k, h)
         nbytes = bytes_read([2048] * 64, k, h, 2)
-        for splits in (1, 2, 4, 8):
+        for splits in (1, 2):
             for ppb in (4, 8, 16):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
+                for warps in (2, 4):
+                    for stages in (2, 3, 4):
                         f = jax.jit(lambda q, kc, vc, t, l: paged_decode_attention(
                             q, kc, vc, t, l, scale=h ** -0.5, splits=splits, pages_per_block=ppb,
                             num_warps=warps, num_stages=stages))
