@@ -2,23 +2,23 @@
 
 `decode_params` returns (splits, pages_per_block, num_warps, num_stages). Entries measured with
 scripts/bench_attention.py go in TABLE; anything else falls back to a heuristic that gives the GPU
-enough programs (S x K x splits) to fill every SM several times over.
+enough programs (S x K x splits) to give every SM at least one.
 """
 
 from __future__ import annotations
 
 # (device_kind substring, q_heads, kv_heads, head_dim, page_size) -> (pages_per_block, num_warps, num_stages)
 TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {
-    # NVIDIA H200, 2026-11-27, the grid of scripts/bench_attention.py --sweep after the token-row
-    # gathers, base-2 softmax and unmasked full tiles (B=64, L=2048, bf16): best of splits {1,2} x
-    # pages_per_block {4,8,16} x warps {2,4} x stages {2,3,4}; Qwen heads 83.3 µs (splits 2, the heuristic's
-    # choice) vs 81.2 µs for the sweep's best (1 split, 8 pages, 2 warps, 3 stages), Llama heads
-    # 139.9 µs (1 split). Before the row gathers the best had 1 stage; now 2-3 stages pipeline
-    # the gathers.
-    ("H200", 28, 4, 128, 16): (4, 4, 3),
+    # NVIDIA H200, 2026-11-27, scripts/bench_attention.py --quick --sweep (B=64, L=2048, bf16,
+    # chained calls) after the token-row gathers, base-2 softmax and unmasked full tiles: best of
+    # splits {1,2} x pages_per_block {4,8,16} x warps {2,4} x stages {2,3,4}: Qwen heads 76.5 µs
+    # with 1 split, 8 pages, 4 warps, 4 stages; Llama heads (an unchained sweep of the same code)
+    # 139.9 µs with 1 split, 4 pages, 4 warps, 3 stages. Before the row gathers the best had 1
+    # stage; now several stages pipeline the gathers.
+    ("H200", 28, 4, 128, 16): (8, 4, 4),
     ("H200", 32, 8, 128, 16): (4, 4, 3),
     # H100: same Hopper SM count; taken from the H200 sweep until measured on an H100
-    ("H100", 28, 4, 128, 16): (4, 4, 3),
+    ("H100", 28, 4, 128, 16): (8, 4, 4),
     ("H100", 32, 8, 128, 16): (4, 4, 3),
 }
 
@@ -34,8 +34,14 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
     ppb = max(1, min(ppb, max_pages))
     sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
     programs = max(1, num_seqs * kv_heads)
-    # the sweep's best (B=64, K=4 -> 256 programs) used 2 splits: ~2 programs per SM in total
-    splits = max(1, min(-(-2 * sms // programs), max(1, max_pages // ppb)))
+    # at least one program per SM: the sweeps' best at B=64 (256 and 512 programs) used 1 split;
+    # a split costs a log-sum-exp merge after the kernel
+    splits = max(1, min(-(-sms // programs), max(1, max_pages // 4)))
+    if splits > 1:
+        # few sequences (e.g. batch 1): each split walks a few tiles, so a deep pipeline's
+        # prologue costs more than it hides (engine-shaped H200 A/B at batch 1, 200 tokens: 4 pages
+        # and 2 stages 8.6 µs per layer, 3 stages 9.1, 8 pages 10.4)
+        ppb, stages = 4, 2
     return splits, ppb, warps, stages
 
 
