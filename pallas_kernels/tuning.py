@@ -52,7 +52,8 @@ PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int]] = {
     # chunk, bf16, heavy-first work order: Qwen2.5-7B heads
     # (group 7): best of block_q {8,16,32} x pages {4,8} x warps {4,8} x stages {1,2,3}, 181.2 µs
     # (3 stages; 2 stages 183.4 µs); Llama-3-8B heads (group 4): block_q 16 x pages {4,8} x warps
-    # {4,8} at 2 stages, 192.4 µs. 4 warps beat 8 everywhere.
+    # {4,8} at 2 stages, 192.4 µs. 4 warps beat 8 everywhere. Measured before the query rows
+    # were packed without padding the group (same rows per program; not re-swept since).
     ("H200", 7, 128, 16): (8, 4, 4, 3),
     ("H200", 4, 128, 16): (16, 4, 4, 2),
     # H100: taken from the H200 sweep until measured on an H100
@@ -63,9 +64,9 @@ PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int]] = {
 
 def prefill_params(device_kind: str, group: int, head_dim: int,
                    page_size: int) -> tuple[int, int, int, int]:
-    """Launch parameters of the ragged prefill kernel. Untuned default: ~128 query rows per
-    program (block_q tokens x the group's heads padded to a power of two) against 64 keys,
-    4 warps."""
+    """Launch parameters of the ragged prefill kernel. Untuned default: 128 query rows per
+    program (block_q x the group size rounded up to a power of two; the rows themselves are
+    packed without padding) against 64 keys, 4 warps."""
     for (card, g, h, b), val in PREFILL_TABLE.items():
         if card in device_kind and (g, h, b) == (group, head_dim, page_size):
             return val
