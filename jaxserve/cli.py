@@ -181,6 +181,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compilation-cache-dir", default="auto")
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields that `_add_engine_args` (and `--seed`) set: the one mapping from
+    flags to the engine, shared by `serve` and the in-process benchmarks."""
+    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                enable_prefix_caching=args.enable_prefix_caching,
+                attention_backend=args.attention_backend,
+                compilation_cache_dir=args.compilation_cache_dir, seed=args.seed)
+
+
 def _add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int,
                        num_prompts: int | None) -> None:
     p.add_argument("--dataset-path", default=None,

@@ -15,6 +15,7 @@ several µs per call that the engine pays once per step.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -56,6 +57,23 @@ def timeit_chained(f, q, *rest, chain: int = 10, iters: int = 3, rounds: int = 5
             q = f(q, *rest).astype(q.dtype)
         return q
     return timeit(many, q, *rest, iters=iters, rounds=rounds) / chain
+
+
+def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
+    """Time `make(config)` on `args` (chained) for every combination of the grid's values; rows
+    {**config, "config": "k=v ...", "us"} sorted fastest first; a configuration that fails to
+    compile is reported and skipped."""
+    rows = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        label = " ".join(f"{k}={v}" for k, v in config.items())
+        try:
+            t = timeit_chained(make(config), *args, rounds=3)
+        except Exception as e:  # keep sweeping: report what failed
+            print(f"  sweep {label} failed: {type(e).__name__}")
+            continue
+        rows.append({**config, "config": label, "us": t * 1e6})
+    return sorted(rows, key=lambda r: r["us"])
 
 
 def read_ceiling() -> float:
@@ -136,25 +154,16 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
         q, kc, vc, tables, lens, qsl = make_ragged([(0, 2048)], n, k, h)
         flops = prefill_flops(qsl, lens, n, h)
         tables, lens, qsl = jnp.asarray(tables), jnp.asarray(lens), jnp.asarray(qsl)
-        for bq in (8, 16, 32):
-            for ppb in (4, 8):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
-                        f = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention(
-                            q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
-                            num_warps=warps, num_stages=stages))
-                        try:
-                            t = timeit_chained(f, q, kc, vc, tables, lens, qsl, rounds=3)
-                        except Exception as e:
-                            print(f"  sweep {bq} {ppb} {warps} {stages} failed: {type(e).__name__}")
-                            continue
-                        best.append({"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages,
-                                     "us": t * 1e6, "tflops": flops / t / 1e12})
-        best.sort(key=lambda r: r["us"])
+        grid = {"block_q": (8, 16, 32), "ppb": (4, 8), "warps": (4, 8), "stages": (1, 2, 3)}
+        best = sweep_grid(grid, lambda c: lambda q, kc, vc, t, l, s: paged_prefill_attention(
+            q, kc, vc, t, l, s, scale=h ** -0.5, block_q=c["block_q"], pages_per_block=c["ppb"],
+            num_warps=c["warps"], num_stages=c["stages"]), (q, kc, vc, tables, lens, qsl))
+        for r in best:
+            r["tflops"] = flops / r["us"] / 1e6
         print("prefill sweep (qwen heads, 1 x 2048 new), best first:")
         for r in best[:6]:
-            print(f"  block_q={r['block_q']:>2} ppb={r['ppb']} warps={r['warps']} stages={r['stages']}: "
-                  f"{r['us']:.1f} µs {r['tflops']:.1f} TFLOP/s ({100 * r['tflops'] / tflops:.0f}%)")
+            print(f"  {r['config']}: {r['us']:.1f} µs {r['tflops']:.1f} TFLOP/s "
+                  f"({100 * r['tflops'] / tflops:.0f}%)")
     return {"matmul_tflops": tflops, "rows": rows, "sweep": best}
 
 
@@ -239,25 +248,15 @@ def main() -> None:
         n, k, h = HEADS["qwen2.5-7b"]
         q, kc, vc, tables, lens = make_case(64, 2048, n, k, h)
         nbytes = bytes_read([2048] * 64, k, h, 2)
-        for splits in (1, 2):
-            for ppb in (4, 8, 16):
-                for warps in (2, 4):
-                    for stages in (2, 3, 4):
-                        f = jax.jit(lambda q, kc, vc, t, l: paged_decode_attention(
-                            q, kc, vc, t, l, scale=h ** -0.5, splits=splits, pages_per_block=ppb,
-                            num_warps=warps, num_stages=stages))
-                        try:
-                            t = timeit_chained(f, q, kc, vc, tables, lens)
-                        except Exception as e:
-                            print(f"  sweep {splits} {ppb} {warps} {stages} failed: {type(e).__name__}")
-                            continue
-                        sweep.append({"splits": splits, "ppb": ppb, "warps": warps, "stages": stages,
-                                      "us": t * 1e6, "tbs": nbytes / t / 1e12})
-        sweep.sort(key=lambda r: r["us"])
+        grid = {"splits": (1, 2), "ppb": (4, 8, 16), "warps": (2, 4), "stages": (2, 3, 4)}
+        sweep = sweep_grid(grid, lambda c: lambda q, kc, vc, t, l: paged_decode_attention(
+            q, kc, vc, t, l, scale=h ** -0.5, splits=c["splits"], pages_per_block=c["ppb"],
+            num_warps=c["warps"], num_stages=c["stages"]), (q, kc, vc, tables, lens))
+        for r in sweep:
+            r["tbs"] = nbytes / r["us"] / 1e6
         print("sweep (qwen heads, B=64, L=2048), best first:")
         for r in sweep[:8]:
-            print(f"  splits={r['splits']:>2} ppb={r['ppb']:>2} warps={r['warps']} stages={r['stages']}: "
-                  f"{r['us']:.1f} µs {r['tbs']:.2f} TB/s ({100 * r['tbs'] / ceiling:.0f}%)")
+            print(f"  {r['config']}: {r['us']:.1f} µs {r['tbs']:.2f} TB/s ({100 * r['tbs'] / ceiling:.0f}%)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": kind, "ceiling_tbs": ceiling, "rows": rows, "sweep": sweep,

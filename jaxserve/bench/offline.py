@@ -20,12 +20,9 @@ from jaxserve.bench.metrics import format_report, write_json
 
 def build_llm(args):
     from jaxserve import LLM
-    return LLM(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-               num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
-               mesh=args.mesh, compilation_cache_dir=args.compilation_cache_dir)
+    from jaxserve.cli import engine_kwargs
+    return LLM(args.model, dtype=args.dtype, load_format=args.load_format, mesh=args.mesh,
+               **engine_kwargs(args))
 
 
 def _special_ids(llm) -> tuple[int, ...]:

@@ -69,18 +69,14 @@ def _banner(host: str, port: int, name: str, api_key: str | None) -> str:
 
 def build_serving_engine(args):
     """The engine for the serve flags (every process of a multi-host job builds the same one)."""
+    from jaxserve.cli import engine_kwargs
     from jaxserve.distributed import attach
     from jaxserve.engine.core import EngineConfig
     from jaxserve.engine.dp import build_engine
 
-    _, core = build_engine(args.model, EngineConfig(
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-        attention_backend=args.attention_backend,
-        compilation_cache_dir=args.compilation_cache_dir), args.mesh,
-        dtype=args.dtype, load_format=args.load_format, seed=args.seed, progress=True)
+    _, core = build_engine(args.model, EngineConfig(**engine_kwargs(args)), args.mesh,
+                           dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                           progress=True)
     attach(core)
     return core
 
