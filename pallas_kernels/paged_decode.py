@@ -4,8 +4,10 @@ Cache layout (jaxserve's): k_cache, v_cache [P, B, K, H] — P pages of B tokens
 the kernel sees it as token-slot rows [P*B, K, H] (a free reshape). Grid (S sequences, K kv heads,
 splits): each program takes the G = N/K query heads that share one kv head (padded to a power of
 two >= 16 rows for the tensor-core dot), walks its share of the sequence's page table
-`pages_per_block` pages at a time (one row gather of the tile's token slots), and keeps an online
-softmax in fp32. A jnp epilogue merges the splits (fp32 log-sum-exp merge).
+`pages_per_block` pages at a time (one row gather of the tile's token slots; tiles wholly inside
+the context run without masks), and keeps an online softmax in fp32 with base-2 logits (log2 e
+folded into the query scale, so each probability is one exp2). A jnp epilogue merges the splits
+(fp32 log-sum-exp merge); with one split the kernel writes the normalised output itself.
 
 Fused variant (`paged_decode_fused`): the input is the layer's fused q/k/v rows of each kv head
 ([S, K, G+2, H]: G query heads, the new key, the new value; RoPE already applied), so no XLA
@@ -46,7 +48,7 @@ def _decode_kernel(
     soft_cap: float | None,
     page_size: int,
     new_row: int | None = None,   # fused: index G of the new key row
-    splits: int = 2,
+    splits: int,                  # the grid's split count (one split: no m / l outputs)
 ):
     o_ref, m_ref, l_ref = out_refs[:3] if splits > 1 else (out_refs[0], None, None)
     cache_out = out_refs[3:] if splits > 1 else out_refs[1:]

@@ -8,16 +8,16 @@ Query rows: each kv head sees its queries as token-major rows [T * G, H] (row r:
 query head r % G of the G = N/K heads that share the kv head), packed without padding the group to
 a power of two (Qwen2.5-7B's G = 7 would waste 1/8 of every dot).
 
-Work items: each sequence's rows are cut into blocks of R = block_q * Gp rows (Gp: G rounded up to
-a power of two, so a block holds about block_q tokens' worth of rows; the last block of a sequence
-may be partial); a block of sequence s is one program per kv head (grid: max work items x K),
-launched in reverse order so the blocks with the most keys start first. The program loads its
-block's rows, walks the sequence's pages `pages_per_block` at a time up to the block's last position (skipping
-pages before a sliding window) and keeps an online softmax in fp32: tiles wholly before the
-block's first query run without masks, the diagonal tiles mask causally. K/V tiles are one gather
-of token-slot rows (the cache seen as [P*B, K, H], a free reshape). Rows of
-padding tokens are left zero (the output buffer is zero-initialised and aliased), and each program
-stores only its own valid rows.
+Work items: each sequence's rows are cut into blocks of R = block_q * Gp rows (Gp: G rounded up to a
+power of two, so a block holds about block_q tokens' worth of rows; the last block of a sequence may
+be partial); a block of sequence s is one program per kv head (grid: max work items x K), launched
+in reverse order so the blocks with the most keys start first. The program loads its block's rows,
+walks the sequence's pages `pages_per_block` at a time up to the block's last position (skipping
+pages before a sliding window) and keeps an online softmax in fp32 (base-2 logits, as the decode
+kernel): tiles wholly before the block's first query run without masks, the diagonal tiles mask
+causally. K/V tiles are one gather of token-slot rows (the cache seen as [P*B, K, H], a free
+reshape). Rows of padding tokens are left zero (the output buffer is zero-initialised and aliased),
+and each program stores only its own valid rows.
 
 Layers: `_prefill_kernel` (body) -> `_prefill_call` (pallas_call) -> `paged_prefill_attention`
 (jitted, static tuning knobs, `interpret`) -> `paged_prefill_reference` (pure jnp).
