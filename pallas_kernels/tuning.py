@@ -39,9 +39,9 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
     splits = max(1, min(-(-sms // programs), max(1, max_pages // 4)))
     if splits > 1:
         # few sequences (e.g. batch 1): each split walks a few tiles, so a deep pipeline's
-        # prologue costs more than it hides (engine-shaped H200 A/B at batch 1, 200 tokens: 4 pages
-        # and 2 stages 8.6 µs per layer, 3 stages 9.1, 8 pages 10.4)
-        ppb, stages = 4, 2
+        # prologue costs more than it hides (engine-shaped H200 A/B at batch 1, 200 tokens, the
+        # kernel of 7bd62d0: 4 pages and 1 stage 7.8 µs per layer, 2 or 3 stages 8.4, 8 pages 9.2)
+        ppb, stages = 4, 1
     return splits, ppb, warps, stages
 
 
