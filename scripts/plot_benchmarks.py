@@ -33,6 +33,32 @@ def peer_figure(plt, peer: dict, name: str) -> None:
     fig.savefig(os.path.join(IMG, name), dpi=110)
 
 
+def attention_figure(plt, att: dict, name: str) -> None:
+    """Decode: % of the read ceiling, ours vs JAX's kernel; prefill: % of bf16 matmul."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rows = [r for r in att["rows"] if r["batch"] > 1]
+    labels = [f"{r['heads']}\nB={r['batch']} L={r['len']}" for r in rows]
+    x = range(len(rows))
+    axes[0].bar([i - 0.2 for i in x], [r["ours_pct"] for r in rows], 0.4, label="jaxserve")
+    axes[0].bar([i + 0.2 for i in x], [r["jax_pct"] for r in rows], 0.4, label="JAX ops/gpu",
+                color="#999999")
+    axes[0].axhline(80, color="k", ls="--", lw=1)
+    axes[0].set_xticks(list(x), labels, fontsize=8)
+    axes[0].set_ylabel(f"% of read ceiling ({att['ceiling_tbs']:.2f} TB/s)")
+    axes[0].set_title("paged decode attention")
+    axes[0].legend(fontsize=8)
+    pre = att["prefill"]["rows"]
+    axes[1].bar(range(len(pre)), [r["ours_pct"] for r in pre], color="#1f77b4")
+    axes[1].axhline(50, color="k", ls="--", lw=1)
+    axes[1].set_xticks(range(len(pre)), [f"{r['heads']}\n{r['step']}" for r in pre], fontsize=7,
+                       rotation=15, ha="right")
+    axes[1].set_ylabel(f"% of bf16 matmul ({att['prefill']['matmul_tflops']:.0f} TFLOP/s)")
+    axes[1].set_title("ragged paged prefill attention")
+    fig.suptitle(f"Pallas kernels, bf16, page 16 ({att['device']}; dashed: targets)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, name), dpi=110)
+
+
 def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -42,6 +68,8 @@ def main() -> None:
 
     for card in ("h100", "h200"):
         peer_figure(plt, load(f"peer_{card}_qwen2.5-7b.json"), f"peer_{card}.png")
+
+    attention_figure(plt, load("attention_h200.json"), "attention_h200.png")
 
     prog = load("engine_progress_h200.json")
     labels = [s["label"] for s in prog["steps"]]
