@@ -2,7 +2,8 @@
 
 `decode_params` returns (splits, pages_per_block, num_warps, num_stages). Entries measured with
 scripts/bench_attention.py go in TABLE; anything else falls back to a heuristic that gives the GPU
-enough programs (S x K x splits) to give every SM at least one.
+enough programs (S x K x splits) to give every SM about two (one split once S x K reaches the SM
+count).
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, 
     ppb = max(1, min(ppb, max_pages))
     sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
     programs = max(1, num_seqs * kv_heads)
-    # at least one program per SM: the sweeps' best at B=64 (256 and 512 programs) used 1 split;
-    # a split costs a log-sum-exp merge after the kernel
-    splits = max(1, min(-(-sms // programs), max(1, max_pages // 4)))
-    if splits > 1:
-        # few sequences (e.g. batch 1): each split walks a few tiles, so a deep pipeline's
-        # prologue costs more than it hides (engine-shaped H200 A/B at batch 1, 200 tokens, the
-        # kernel of 7bd62d0: 4 pages and 1 stage 7.8 µs per layer, 2 or 3 stages 8.4, 8 pages 9.2)
-        ppb, stages = 4, 1
-    return splits, ppb, warps, stages
+    if programs >= sms:
+        # one split once every SM has a program: the sweeps' best at B=64 (256 and 512 programs);
+        # a split costs a log-sum-exp merge after the kernel
+        return 1, ppb, warps, stages
+    # few sequences (e.g. batch 1): ~2 programs per SM over the splits, and the earlier kernel
+    # parameters, since each split walks a few tiles and a deep pipeline's prologue costs more
+    # than it hides (engine-shaped H200 A/B at batch 1, 200 tokens, the kernel of 7bd62d0: 4 pages
+    # and 1 stage 7.8 µs per layer, 2 or 3 stages 8.4, 8 pages 9.2)
+    splits = max(1, min(-(-2 * sms // programs), max(1, max_pages // 4)))
+    return splits, 4, warps, 1
 
 
 # (device_kind substring, q_heads per kv head, head_dim, page_size)
