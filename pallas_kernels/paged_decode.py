@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-_MASK = -1e30
-_LOG2E = 1.4426950408889634   # logits are kept in base 2: exp2 is one special-function op, exp is not
+from pallas_kernels import online_softmax as osm
 
 
 def _decode_kernel(
@@ -64,35 +63,20 @@ def _decode_kernel(
     n_pages = (cached + b - 1) // b
     first = split * pages_per_split
     last = jnp.minimum(first + pages_per_split, n_pages)
-    # base-2 logits: log2(e) folds into the query scale (after the soft cap when there is one)
-    q = q_ref[...].astype(jnp.float32) * (scale if soft_cap is not None else scale * _LOG2E)
-    q = q.astype(k_ref.dtype)
-
-    def cap(x):
-        return x if soft_cap is None else soft_cap * jnp.tanh(x / soft_cap) * _LOG2E
+    q = osm.scaled_query(q_ref[...], scale, soft_cap, k_ref.dtype)     # base-2 logits
 
     def step(i, carry, masked: bool):
-        o, m, l = carry
         p0 = first + i * pages_per_block
-        # one gather of the tile's token rows (no [ppb, B, H] -> [ppb*B, H] reshape in the kernel)
-        rows = tables_ref[s, p0 + slot // b] * b + slot % b                 # [ppb*B]
-        k = k_ref[rows]                                                   # [ppb*B, H]
-        v = v_ref[rows]
-        logits = cap(jnp.dot(q, k.T, preferred_element_type=jnp.float32))  # [Gp, ppb*B]
-        if masked:
-            pos = p0 * b + slot
-            valid = (pos < cached) & (pos < last * b)
-            if sliding_window is not None:
-                valid &= pos > seq_len - 1 - sliding_window
-            logits = jnp.where(valid[None, :], logits, _MASK)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        p = jnp.exp2(logits - m_new[:, None])
-        if masked:
-            p = jnp.where(valid[None, :], p, 0.0)
-            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unused slots may hold NaN
-        corr = jnp.exp2(m - m_new)
-        o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return o, m_new, l * corr + p.sum(axis=-1)
+        rows = osm.tile_rows(tables_ref, s, p0, slot, b)                  # [ppb*B]
+        k, v = k_ref[rows], v_ref[rows]                                   # [ppb*B, H] each
+        logits = osm.cap_logits(jnp.dot(q, k.T, preferred_element_type=jnp.float32), soft_cap)
+        if not masked:
+            return osm.step(carry, logits, v)
+        pos = p0 * b + slot
+        valid = (pos < cached) & (pos < last * b)
+        if sliding_window is not None:
+            valid &= pos > seq_len - 1 - sliding_window
+        return osm.step(carry, logits, v, valid[None, :], valid)
 
     n_iter = jnp.maximum(last - first + pages_per_block - 1, 0) // pages_per_block
     # tiles wholly inside the cached tokens and the split (and no window) need no masks; with
@@ -100,14 +84,14 @@ def _decode_kernel(
     n_full = 0
     if sliding_window is None and splits == 1:
         n_full = jnp.clip((jnp.minimum(cached // b, last) - first) // pages_per_block, 0, n_iter)
-    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), _MASK, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
+    init = osm.init(gp, h)
     if new_row is not None:
         # split 0 starts from the new token (a softmax over one key: m = its logit, l = 1)
         k_new = q_ref[new_row, :]
         v_new = q_ref[new_row + 1, :]
         mine = (split == 0) & (seq_len > 0)
-        logit = cap(jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1))
+        logit = osm.cap_logits(
+            jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1), soft_cap)
         ones = jnp.ones((gp,), jnp.float32)
         init = (jnp.where(mine, ones[:, None] * v_new.astype(jnp.float32)[None, :], init[0]),
                 jnp.where(mine, logit, init[1]), jnp.where(mine, ones, init[2]))
@@ -294,7 +278,7 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     logits = jnp.einsum("skgh,sckh->skgc", qg, k) * scale
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
-    logits = jnp.where(valid[:, None, None, :], logits, _MASK)
+    logits = jnp.where(valid[:, None, None, :], logits, osm.MASK)
     p = jax.nn.softmax(logits, axis=-1)
     v = jnp.where(valid[:, :, None, None], v, 0.0)
     out = jnp.einsum("skgc,sckh->skgh", p, v)

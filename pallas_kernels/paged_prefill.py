@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_MASK = -1e30
-_LOG2E = 1.4426950408889634   # logits are kept in base 2: exp2 is one special-function op, exp is not
+from pallas_kernels import online_softmax as osm
 
 
 def _prefill_kernel(
@@ -75,10 +74,7 @@ def _prefill_kernel(
         r = jnp.arange(rows, dtype=jnp.int32)
         row_ok = r < count
         pos = ctx + ((start + r) // group - first_tok)            # query position of each row
-        # base-2 logits: log2(e) folds into the query scale (after the soft cap when there is one)
-        q = q_ref[pl.ds(start, rows), :].astype(jnp.float32) * (
-            scale if soft_cap is not None else scale * _LOG2E)
-        q = q.astype(k_ref.dtype)
+        q = osm.scaled_query(q_ref[pl.ds(start, rows), :], scale, soft_cap, k_ref.dtype)
         first_pos = ctx + (start // group - first_tok)            # the block's first query
         last_pos = ctx + ((start + count - 1) // group - first_tok)
         n_pages = last_pos // b + 1
@@ -87,53 +83,31 @@ def _prefill_kernel(
             lowest = first_pos - sliding_window + 1
             first_page = jnp.maximum(lowest, 0) // b // pages_per_block * pages_per_block
 
-        def tile(p0):
-            # one gather of the tile's token rows (no [ppb, B, H] -> [ppb*B, H] reshape)
-            kv_rows = tables_ref[seq, p0 + slot // b] * b + slot % b
-            k = k_ref[kv_rows]
-            v = v_ref[kv_rows]
-            logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)     # [rows, block]
-            if soft_cap is not None:
-                logits = soft_cap * jnp.tanh(logits / soft_cap) * _LOG2E
-            return logits, v
-
-        def body_full(i, carry):
-            # a tile wholly before the block's first query: every key visible to every row, all
-            # slots written, so no masks
-            o, m, l = carry
-            logits, v = tile(i * pages_per_block)
-            m_new = jnp.maximum(m, logits.max(axis=-1))
-            p = jnp.exp2(logits - m_new[:, None])
-            corr = jnp.exp2(m - m_new)
-            o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            return o, m_new, l * corr + p.sum(axis=-1)
-
-        def body(i, carry):
-            o, m, l = carry
-            p0 = first_page + i * pages_per_block
-            logits, v = tile(p0)
+        def step(p0, carry, masked: bool):
+            kv_rows = osm.tile_rows(tables_ref, seq, p0, slot, b)
+            k, v = k_ref[kv_rows], v_ref[kv_rows]
+            logits = osm.cap_logits(jnp.dot(q, k.T, preferred_element_type=jnp.float32),
+                                    soft_cap)                                 # [rows, block]
+            if not masked:
+                # a tile wholly before the block's first query: every key visible to every row,
+                # all slots written
+                return osm.step(carry, logits, v)
             kpos = p0 * b + slot
             valid = (kpos[None, :] <= pos[:, None]) & row_ok[:, None]
             if sliding_window is not None:
                 valid &= kpos[None, :] > pos[:, None] - sliding_window
-            logits = jnp.where(valid, logits, _MASK)
-            m_new = jnp.maximum(m, logits.max(axis=-1))
-            p = jnp.where(valid, jnp.exp2(logits - m_new[:, None]), 0.0)
-            corr = jnp.exp2(m - m_new)
-            kv_ok = kpos < seq_len
-            v = jnp.where(kv_ok[:, None], v, jnp.zeros_like(v))   # unused slots may hold NaN
-            o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            return o, m_new, l * corr + p.sum(axis=-1)
+            return osm.step(carry, logits, v, valid, kpos < seq_len)
 
-        init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
-                jnp.zeros((rows,), jnp.float32))
+        carry = osm.init(rows, h)
         if sliding_window is None:
             # unmasked tiles first (keys before the block's first query), then the diagonal ones
             n_full = first_pos // block
-            init = jax.lax.fori_loop(0, n_full, body_full, init)
+            carry = jax.lax.fori_loop(
+                0, n_full, lambda i, c: step(i * pages_per_block, c, masked=False), carry)
             first_page = n_full * pages_per_block
         n_iter = (n_pages - first_page + pages_per_block - 1) // pages_per_block
-        o, _, l = jax.lax.fori_loop(0, n_iter, body, init)
+        o, _, l = jax.lax.fori_loop(
+            0, n_iter, lambda i, c: step(first_page + i * pages_per_block, c, masked=True), carry)
         out = o / jnp.maximum(l, 1e-30)[:, None]
         # only this block's valid rows: the rows after them belong to the next sequence's block
         plgpu.store(o_ref.at[pl.ds(start, rows), :], out.astype(o_ref.dtype),
@@ -267,7 +241,7 @@ def paged_prefill_reference(q, k_cache, v_cache, block_tables, seq_lens, query_s
     logits = jnp.einsum("tkgh,tckh->tkgc", qg, k) * scale
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
-    logits = jnp.where(valid[:, None, None, :], logits, _MASK)
+    logits = jnp.where(valid[:, None, None, :], logits, osm.MASK)
     p = jax.nn.softmax(logits, axis=-1)
     v = jnp.where(valid[:, :, None, None], v, 0.0)
     out = jnp.einsum("tkgc,tckh->tkgh", p, v)
