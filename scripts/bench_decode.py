@@ -45,18 +45,105 @@ def read_ceiling_tbs(gib: float = 4.0, iters: int = 10) -> float:
     return best
 
 
-def padded_steps(runner, kind: str, b: int, n: int) -> bool:
-    """Dispatch `n` all-padding steps (compiled forward `kind` at b sequences + greedy sampler)
-    back to back and wait for them; False if that bucket was not compiled."""
-    fn, sample = runner._exec.get((kind, b, b)), runner._exec.get(("sample", "greedy", b))
+def padded_steps(runner, kind: str, b: int, n: int, tokens: int | None = None) -> bool:
+    """Dispatch `n` all-padding steps (compiled forward `kind` at `tokens` tokens (default b) and b
+    sequences + greedy sampler) back to back and wait for them; False if that bucket was not
+    compiled."""
+    t = b if tokens is None else tokens
+    fn, sample = runner._exec.get((kind, t, b)), runner._exec.get(("sample", "greedy", b))
     if fn is None or sample is None:
         return False
-    fwd, st = runner._padding_inputs(b, b)
+    fwd, st = runner._padding_inputs(t, b)
     for _ in range(n):
         logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
         res, runner.sampler_state = sample(logits, runner.sampler_state, st)
     jax.block_until_ready(res)
     return True
+
+
+class Phases:
+    """Host time per phase of the step loop (wrapped methods; nested calls counted in both), and
+    the device wait of each fetched step by the executable it ran."""
+
+    def __init__(self, engine):
+        self.engine, self.runner = engine, engine.runner
+        self.reset()
+        for obj, name in [(engine.scheduler, "schedule"), (engine.scheduler, "update_from_output"),
+                          (self.runner, "_admit"), (self.runner, "dispatch"), (engine, "_outputs")]:
+            self._wrap(obj, name)
+        execute, dispatch, fetch = self.runner._executable, self.runner.dispatch, self.runner.fetch
+
+        def executable(key):
+            self._last_key = key if key[0] != "sample" else self._last_key
+            return execute(key)
+
+        def dispatch_keyed(out):
+            handle = dispatch(out)
+            if handle is not None:
+                self._key_of[id(handle)] = self._last_key
+                self.steps[self._last_key] += 1
+            return handle
+
+        def fetch_keyed(handle):
+            t = time.perf_counter()
+            res = fetch(handle)
+            if handle is not None:
+                key = self._key_of.pop(id(handle), None)
+                self.wait[key] += time.perf_counter() - t
+            return res
+
+        self.runner._executable, self.runner.dispatch, self.runner.fetch = (
+            executable, dispatch_keyed, fetch_keyed)
+
+    def reset(self):
+        import collections
+        self.t, self.n = collections.defaultdict(float), collections.Counter()
+        self.steps, self.wait = collections.Counter(), collections.defaultdict(float)
+        self._key_of, self._last_key = {}, None
+
+    def _wrap(self, obj, name):
+        f = getattr(obj, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                self.t[name] += time.perf_counter() - t
+                self.n[name] += 1
+        setattr(obj, name, timed)
+
+    def report(self, label: str, wall: float) -> str:
+        lines = [f"host phases, {label}: wall {1e3 * wall:.1f} ms over {sum(self.steps.values())} steps"]
+        for name, t in sorted(self.t.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {name:<20} {1e3 * t:9.1f} ms  ({self.n[name]} calls, "
+                         f"{1e3 * t / max(self.n[name], 1):.3f} ms each)")
+        for key, n in self.steps.most_common():
+            w = self.wait.get(key, 0.0)
+            lines.append(f"  step {str(key):<24} x{n:<4} fetch wait {1e3 * w:8.1f} ms "
+                         f"({1e3 * w / n:.3f} ms each)")
+        return "\n".join(lines)
+
+
+def host_call_time(runner, kind: str, t: int, s: int, n: int = 10) -> tuple[float, float]:
+    """Median host time spent inside one padded step's forward call and its sampler call, each
+    made with the device idle (so no queue to wait behind): launch and argument handling."""
+    fn, sample = runner._exec[(kind, t, s)], runner._exec[("sample", "greedy", s)]
+    fwd, st = runner._padding_inputs(t, s)
+    f_times, s_times = [], []
+    for _ in range(n):
+        jax.block_until_ready((runner.kv, runner.sampler_state))
+        t0 = time.perf_counter()
+        logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
+        t1 = time.perf_counter()
+        jax.block_until_ready(logits)
+        t2 = time.perf_counter()
+        res, runner.sampler_state = sample(logits, runner.sampler_state, st)
+        t3 = time.perf_counter()
+        jax.block_until_ready(res)
+        f_times.append(t1 - t0)
+        s_times.append(t3 - t2)
+    return statistics.median(f_times), statistics.median(s_times)
 
 
 def main() -> None:
@@ -81,6 +168,10 @@ def main() -> None:
                     help="batch of the --profile trace (default: the largest)")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile one batch-1 generate and list where the host time goes")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the host phases of the step loop (schedule, admit, dispatch, fetch "
+                         "wait by executable) in the last run of each batch, and each used "
+                         "executable's padded device time")
     ap.add_argument("--json", default=None)
     ap.add_argument("--ceiling-gib", type=float, default=4.0, help="size of the read-ceiling probe")
     ap.add_argument("--coordinator-address", default=None,
@@ -111,6 +202,8 @@ def main() -> None:
     rows = []
     modes = [True, False] if args.compare_async else [True]
     import dataclasses
+    phases = Phases(llm.engine) if args.phases and not multi else None
+    phase_reports, used = [], set()
     for async_on, b in [(o, b) for o in modes for b in args.batches]:
         llm.engine.config = dataclasses.replace(llm.engine.config, async_scheduling=async_on)
         prompts = [{"prompt_token_ids": rng.integers(0, cfg.vocab_size, args.input_len).tolist()}
@@ -119,9 +212,14 @@ def main() -> None:
         llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         times = []
         for _ in range(args.repeats):
+            if phases is not None:
+                phases.reset()
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
+        if phases is not None:
+            phase_reports.append(phases.report(f"batch {b}, async {async_on}", times[-1]))
+            used |= set(phases.steps)
         med = statistics.median(times)
         row = {"batch": b, "async": async_on, "seconds": med, "output_tok_s": b * args.output_len / med}
         if b == 1:
@@ -144,6 +242,19 @@ def main() -> None:
                 padded_steps(runner, label, b, 20)   # device time of a padded step, back to back
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
+    call_times = {}
+    for kind, t, s in sorted(k for k in used if k is not None):   # every executable --phases saw
+        if not (t == s and f"{kind} b={s}" in step_times):
+            padded_steps(runner, kind, s, 2, tokens=t)
+            t0 = time.perf_counter()
+            padded_steps(runner, kind, s, 10, tokens=t)
+            step_times[f"{kind} t={t} s={s}"] = (time.perf_counter() - t0) / 10
+        call_times[f"{kind} t={t} s={s}"] = host_call_time(runner, kind, t, s)
+    for rep in phase_reports:
+        print(rep)
+    if call_times:
+        print("host time inside the executable calls, device idle (forward, sampler): " + ", ".join(
+            f"{k}: {1e3 * f:.2f} / {1e3 * m:.2f} ms" for k, (f, m) in call_times.items()))
     if args.host_profile and not multi:
         import cProfile
         import pstats

@@ -253,3 +253,19 @@ def test_step_inputs_pack_into_one_array_and_back():
         have = np.asarray(getattr(back, name))
         assert have.dtype == want.dtype, name
         np.testing.assert_array_equal(have, want)
+
+
+def test_sampled_results_pack_into_one_array_and_back():
+    import jax
+    import jax.numpy as jnp
+    from jaxserve.runner.packing import pack_result, unpack_result
+
+    tokens = np.array([0, 151_935, 7], np.int32)
+    lp = np.array([-0.0, -np.inf, -1.25e-7], np.float32)   # bit patterns must survive the trip
+    top_ids = np.array([[5, 6], [1, 0], [2**31 - 1, 3]], np.int32)
+    top_lp = np.array([[-0.5, -np.inf], [np.nan, -3.0], [-1e30, -2.0]], np.float32)
+    packed = jax.jit(pack_result)(*(jnp.asarray(x) for x in (tokens, lp, top_ids, top_lp)))
+    assert packed.dtype == jnp.int32 and packed.shape == (3, 6)
+    for have, want in zip(unpack_result(np.asarray(packed)), (tokens, lp, top_ids, top_lp)):
+        assert have.dtype == want.dtype
+        np.testing.assert_array_equal(have.view(np.int32), want.view(np.int32))

@@ -4,6 +4,7 @@ Every numpy argument of a jitted call is its own host-to-device transfer (and, o
 device); a step has ~20 small ones. Packing them on the host and slicing them apart inside the
 jitted function (static offsets: T tokens, S sequences, M pages per sequence) makes it one
 transfer for the forward and one for the sampler. Floats and uint32 travel bit-cast as int32.
+The sampler's results come back the same way: one int32 array, one device-to-host transfer.
 """
 
 from __future__ import annotations
@@ -71,3 +72,18 @@ def unpack_sampling(buf: jax.Array, s: int) -> SamplingTensors:
             col = col != 0
         out[name] = col
     return SamplingTensors(**out)
+
+
+def pack_result(tokens: jax.Array, logprobs: jax.Array, top_ids: jax.Array,
+                top_logprobs: jax.Array) -> jax.Array:
+    """A step's sampled values -> int32 [S, 2 + 2K]: token, logprob, K top ids, K top logprobs."""
+    def bits(x):
+        return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.concatenate([tokens[:, None].astype(jnp.int32), bits(logprobs)[:, None],
+                            top_ids.astype(jnp.int32), bits(top_logprobs)], axis=1)
+
+
+def unpack_result(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """pack_result's array on the host -> tokens [S], logprobs [S], top ids [S, K], top logprobs [S, K]."""
+    k = (a.shape[1] - 2) // 2
+    return a[:, 0], a[:, 1].view(np.float32), a[:, 2:2 + k], a[:, 2 + k:].view(np.float32)
