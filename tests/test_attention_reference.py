@@ -104,3 +104,55 @@ def test_blockwise_equals_gather_reference(ppc, soft_cap):
     got = np.asarray(paged_attention_blockwise(*args, pages_per_chunk=ppc))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.isfinite(got).all()
+
+
+def _metadata_one_sequence_at_a_time(seqs, block_size, num_tokens, num_seqs, max_blocks):
+    """build_metadata's definition, written as a plain loop over the sequences."""
+    slot = np.zeros(num_tokens, np.int32)
+    seq_ids = np.full(num_tokens, max(num_seqs - 1, 0), np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    tables = np.zeros((num_seqs, max_blocks), np.int32)
+    seq_lens = np.zeros(num_seqs, np.int32)
+    qsl = np.zeros(num_seqs + 1, np.int32)
+    t = 0
+    for s, (table, computed, new) in enumerate(seqs):
+        tables[s, :len(table)] = table
+        for j in range(new):
+            pos = computed + j
+            slot[t] = table[pos // block_size] * block_size + pos % block_size
+            positions[t], seq_ids[t] = pos, s
+            t += 1
+        seq_lens[s] = computed + new
+        qsl[s + 1] = t
+    qsl[len(seqs) + 1:] = t
+    return (slot, seq_ids, tables, seq_lens, qsl), positions
+
+
+def test_build_metadata_matches_a_per_sequence_loop_on_random_batches():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bs, m, s = int(rng.choice([1, 4, 16])), int(rng.integers(1, 10)), int(rng.integers(1, 8))
+        seqs = []
+        for _ in range(int(rng.integers(0, s + 1))):
+            new = int(rng.integers(1, min(6, m * bs) + 1))
+            total = int(rng.integers(new, m * bs + 1))
+            pages = min(-(-total // bs) + int(rng.integers(0, 2)), m)   # sometimes a spare page
+            seqs.append((rng.choice(np.arange(1, 400), pages, replace=False).tolist(), total - new, new))
+        t = sum(n for _, _, n in seqs) + int(rng.integers(0, 4))
+        meta, pos = build_metadata(seqs, block_size=bs, num_tokens=t, num_seqs=s, max_blocks_per_seq=m)
+        want, want_pos = _metadata_one_sequence_at_a_time(seqs, bs, t, s, m)
+        have = (meta.slot_mapping, meta.seq_ids, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+        for a, b in zip(have + (pos,), want + (want_pos,)):
+            assert a.dtype == b.dtype == np.int32
+            np.testing.assert_array_equal(a, b)
+
+
+def test_build_metadata_rejects_what_does_not_fit():
+    with pytest.raises(ValueError, match="pages > max"):
+        build_metadata([([1, 2, 3], 0, 2)], block_size=4, num_tokens=4, num_seqs=1, max_blocks_per_seq=2)
+    with pytest.raises(ValueError, match="too few for"):
+        build_metadata([([1], 3, 2)], block_size=4, num_tokens=4, num_seqs=1, max_blocks_per_seq=2)
+    with pytest.raises(ValueError, match="token bucket"):
+        build_metadata([([1], 0, 3)], block_size=4, num_tokens=2, num_seqs=1, max_blocks_per_seq=2)
+    with pytest.raises(ValueError, match="sequence bucket"):
+        build_metadata([([1], 0, 1)] * 3, block_size=4, num_tokens=4, num_seqs=2, max_blocks_per_seq=2)

@@ -264,3 +264,41 @@ def test_preempted_request_waits_for_its_token_in_flight():
     assert "b" not in [q.request_id for q in third.seqs]
     s.update_from_output(first, {"a": 1, "b": 2})
     assert s.requests["b"].output_token_ids == [2] and s.requests["b"].num_placeholders == 0
+
+
+def test_token_views_read_the_same_tokens_without_copying_the_context():
+    import random
+    from jaxserve.scheduler.request import PLACEHOLDER, KnownTokens
+
+    rnd = random.Random(0)
+    for _ in range(200):
+        r = req("v", rnd.randint(1, 40))
+        r.output_token_ids.extend(rnd.randrange(1000) for _ in range(rnd.randint(0, 20)))
+        r.num_placeholders = rnd.randint(0, 2)
+        known, full = r.known_token_ids, r.all_token_ids
+        view = r.known_tokens
+        assert isinstance(view, KnownTokens) and len(view) == len(known) and list(view) == known
+        for _ in range(20):
+            a, b = sorted(rnd.randint(0, len(full)) for _ in range(2))
+            assert r.token_slice(a, b) == full[a:b]
+            assert view[a:b] == known[a:b] and view[-1] == known[-1]
+            assert view[min(a, len(known) - 1)] == known[min(a, len(known) - 1)]
+        assert view[::2] == known[::2]
+        with pytest.raises(IndexError):
+            view[len(known)]
+    assert PLACEHOLDER not in r.known_token_ids
+
+
+def test_block_ids_follow_allocation_preemption_and_free():
+    s = make(num_blocks=12, block_size=4, max_seqs=4, budget=64)
+    a, b = req("a", 9, max_tokens=20), req("b", 9, max_tokens=20, start=100)
+    s.add_request(a)
+    s.add_request(b)
+    for _ in range(24):
+        out = s.schedule()
+        for q in out.seqs:
+            assert q.block_table == [blk.block_id for blk in s.kv._blocks[q.request_id]]
+        s.update_from_output(out, {q.request_id: 7 for q in out.seqs if q.sample})
+    assert s.num_preemptions > 0   # 11 usable blocks cannot hold both at full length
+    s.finish_request("a", "abort")
+    assert s.kv.block_ids("a") == []

@@ -13,6 +13,7 @@ point there; nothing valid is ever read from it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -50,27 +51,39 @@ def build_metadata(
     tokens are already in the cache, and how many new tokens this step feeds.
     Returns the metadata and `positions` [num_tokens] (padding tokens get position 0).
     """
-    slot = np.zeros(num_tokens, np.int32)
-    seq_ids = np.full(num_tokens, max(num_seqs - 1, 0), np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    tables = np.zeros((num_seqs, max_blocks_per_seq), np.int32)
-    seq_lens = np.zeros(num_seqs, np.int32)
-    qsl = np.zeros(num_seqs + 1, np.int32)
-    t = 0
-    for s, (table, computed, new) in enumerate(seqs):
-        if len(table) > max_blocks_per_seq:
-            raise ValueError(f"sequence {s} needs {len(table)} pages > max {max_blocks_per_seq}")
-        tables[s, : len(table)] = table
-        pos = np.arange(computed, computed + new, dtype=np.int32)
-        tbl = np.asarray(table, np.int32)
-        slot[t : t + new] = tbl[pos // block_size] * block_size + pos % block_size
-        positions[t : t + new] = pos
-        seq_ids[t : t + new] = s
-        seq_lens[s] = computed + new
-        t += new
-        qsl[s + 1] = t
+    # NOTE: vectorised over the batch (one numpy call per field, not several per sequence): at
+    # 64-256 sequences the per-sequence loop was ~1-4 ms of host time per step.
+    n = len(seqs)
+    if n > num_seqs:
+        raise ValueError(f"{n} sequences do not fit the {num_seqs}-sequence bucket")
+    computed = np.fromiter((c for _, c, _ in seqs), np.int64, n)
+    new = np.fromiter((m for _, _, m in seqs), np.int64, n)
+    pages = np.fromiter((len(tb) for tb, _, _ in seqs), np.int64, n)
+    if n and pages.max() > max_blocks_per_seq:
+        s = int(np.argmax(pages))
+        raise ValueError(f"sequence {s} needs {pages[s]} pages > max {max_blocks_per_seq}")
+    t = int(new.sum())
     if t > num_tokens:
         raise ValueError(f"{t} tokens do not fit the {num_tokens}-token bucket")
-    qsl[len(seqs) + 1 :] = t
+    tables = np.zeros((num_seqs, max_blocks_per_seq), np.int32)
+    tables[:n][np.arange(max_blocks_per_seq) < pages[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tb for tb, _, _ in seqs), np.int32, int(pages.sum()))
+    seq_lens = np.zeros(num_seqs, np.int32)
+    seq_lens[:n] = computed + new
+    qsl = np.zeros(num_seqs + 1, np.int32)
+    qsl[1 : n + 1] = np.cumsum(new)
+    qsl[n + 1 :] = t
+    seq_ids = np.full(num_tokens, max(num_seqs - 1, 0), np.int32)
+    seq_ids[:t] = np.repeat(np.arange(n, dtype=np.int32), new)
+    positions = np.zeros(num_tokens, np.int32)
+    pos = np.arange(t, dtype=np.int64) + np.repeat(computed - qsl[:n], new)
+    page = pos // block_size
+    if t and (page >= pages[seq_ids[:t]]).any():
+        s = int(seq_ids[:t][np.argmax(page >= pages[seq_ids[:t]])])
+        raise ValueError(f"sequence {s} has {pages[s]} pages, too few for its "
+                         f"{computed[s] + new[s]} tokens")
+    positions[:t] = pos
+    slot = np.zeros(num_tokens, np.int32)
+    slot[:t] = tables[seq_ids[:t], page] * block_size + pos % block_size
     meta = AttentionMetadata(slot, seq_ids, tables, seq_lens, qsl)
     return meta, positions

@@ -19,6 +19,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[Block]] = {}
+        self._ids: dict[str, list[int]] = {}     # the same tables as block ids, kept in step
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}
         self.prefix_cache_queries = 0   # prompt tokens looked up
@@ -28,8 +29,10 @@ class KVCacheManager:
     def _hashes_for(self, req_id: str, token_ids: Sequence[int], upto_blocks: int) -> list[bytes]:
         hashes = self._hashes.setdefault(req_id, [])
         if len(hashes) < upto_blocks:
-            hashes.extend(hash_full_blocks(token_ids[: upto_blocks * self.block_size], self.block_size,
-                                           start=len(hashes), parent=hashes[-1] if hashes else None))
+            # only the new blocks' tokens: the chain continues from the last known hash
+            bs = self.block_size
+            hashes.extend(hash_full_blocks(token_ids[len(hashes) * bs : upto_blocks * bs], bs,
+                                           parent=hashes[-1] if hashes else None))
         return hashes
 
     def find_cached_prefix(self, req_id: str, token_ids: Sequence[int]) -> list[Block]:
@@ -52,18 +55,24 @@ class KVCacheManager:
         """Make room for `num_new` more tokens after `num_computed` (which counts `cached_prefix`,
         the prefix hits being attached now). False, with nothing changed, if blocks run out."""
         blocks = self._blocks.setdefault(req_id, [])
+        ids = self._ids.setdefault(req_id, [])
         total = num_computed + num_new
         need = -(-total // self.block_size) - len(blocks) - len(cached_prefix)
-        reserved = sum(1 for b in cached_prefix if b.ref_cnt == 0)  # hits sitting in the free queue
+        # hits sitting in the free queue
+        reserved = sum(1 for b in cached_prefix if b.ref_cnt == 0) if cached_prefix else 0
         if need > self.pool.num_free_blocks - reserved:
             if not blocks:
                 self._blocks.pop(req_id, None)
+                self._ids.pop(req_id, None)
             return False
         if cached_prefix:
             self.pool.touch(cached_prefix)
             blocks.extend(cached_prefix)
+            ids.extend(b.block_id for b in cached_prefix)
         if need > 0:
-            blocks.extend(self.pool.allocate(need))
+            fresh = self.pool.allocate(need)
+            blocks.extend(fresh)
+            ids.extend(b.block_id for b in fresh)
         if self.enable_caching:
             full = min(total, len(token_ids)) // self.block_size
             start = self._num_cached.get(req_id, 0)
@@ -80,12 +89,13 @@ class KVCacheManager:
 
     def free(self, req_id: str) -> None:
         blocks = self._blocks.pop(req_id, [])
+        self._ids.pop(req_id, None)
         self.pool.free(reversed(blocks))
         self._hashes.pop(req_id, None)
         self._num_cached.pop(req_id, None)
 
     def block_ids(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(req_id, [])]
+        return list(self._ids.get(req_id, ()))
 
     def num_blocks_of(self, req_id: str) -> int:
         return len(self._blocks.get(req_id, []))

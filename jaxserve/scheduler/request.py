@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import enum
+from typing import Sequence
 
 from jaxserve.sampling.params import SamplingParams
 
 PLACEHOLDER = -1   # a token sampled by a step still in flight: the runner fills it in on the device
+
+
+class KnownTokens(Sequence[int]):
+    """A request's prompt followed by its generated tokens, read in place: the scheduler slices a
+    step's few tokens out of it every step, and copying the whole context each time cost O(context)
+    per sequence per step."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: list[int], output: list[int]):
+        self._prompt, self._output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    def __getitem__(self, i):
+        n = len(self._prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return list(self)[i]
+            if stop <= n:
+                return self._prompt[start:stop]
+            if start >= n:
+                return self._output[start - n : stop - n]
+            return self._prompt[start:] + self._output[: stop - n]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._prompt[i] if i < n else self._output[i - n]
+
+    def __iter__(self):
+        yield from self._prompt
+        yield from self._output
 
 
 class RequestStatus(enum.Enum):
@@ -40,6 +76,19 @@ class Request:
     @property
     def known_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def known_tokens(self) -> KnownTokens:
+        """`known_token_ids` without the copy."""
+        return KnownTokens(self.prompt_token_ids, self.output_token_ids)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """`all_token_ids[start:stop]`, copying only those tokens."""
+        p, o = self.prompt_token_ids, self.output_token_ids
+        k = len(p) + len(o)
+        if start >= k:            # a decode feeding the token still in flight
+            return [PLACEHOLDER] * (stop - start)
+        return KnownTokens(p, o)[start:min(stop, k)] + [PLACEHOLDER] * (stop - max(start, k))
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -122,7 +122,7 @@ class Scheduler:
                 continue
             ok = False
             while True:
-                if self.kv.allocate_slots(req.request_id, req.known_token_ids,
+                if self.kv.allocate_slots(req.request_id, req.known_tokens,
                                           req.num_computed_tokens, num_new):
                     ok = True
                     break
@@ -145,10 +145,10 @@ class Scheduler:
                         req.leader is not None and not self._leader_prompt_done(req.leader)):
                     skipped.append(self.waiting.popleft())
                     continue
-                hits = self.kv.find_cached_prefix(req.request_id, req.known_token_ids)
+                hits = self.kv.find_cached_prefix(req.request_id, req.known_tokens)
                 computed = len(hits) * self.kv.block_size
                 num_new = min(req.num_tokens - computed, budget)
-                if not self.kv.allocate_slots(req.request_id, req.known_token_ids, computed, num_new,
+                if not self.kv.allocate_slots(req.request_id, req.known_tokens, computed, num_new,
                                               hits):
                     break
                 self.waiting.popleft()
@@ -165,7 +165,7 @@ class Scheduler:
         seqs, new_seqs = [], []
         for req, n in scheduled:
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start : start + n]
+            tokens = req.token_slice(start, start + n)
             sample = start + n == req.num_tokens
             seqs.append(ScheduledSequence(
                 request_id=req.request_id, token_ids=tokens, num_computed_tokens=start,
