@@ -8,6 +8,12 @@ prefill through the scheduler, then times `--steps` decode steps with async sche
 (schedule step N+1, build its metadata, then apply step N's tokens) and prints the median
 milliseconds of each phase. The device runs a 7-8B model's decode step in ~4-5 ms on one H100/H200,
 so these phases must stay well below that.
+
+    python scripts/bench_host.py --engine --batches 64 256 --output-len 512
+
+times instead the engine's output building per step (`EngineCore._outputs`: token bookkeeping,
+RequestOutputs) on a tiny random model, with cumulative snapshots of every running request (as a
+streaming server needs) and without them (as `LLM.generate` runs).
 """
 
 from __future__ import annotations
@@ -53,12 +59,59 @@ def run(batch: int, context: int, steps: int, block_size: int = 16) -> tuple[flo
     return tuple(1e3 * statistics.median(x) for x in (t_sched, t_meta, t_update))
 
 
+def engine_outputs(batch: int, output_len: int, input_len: int = 16) -> dict[bool, float]:
+    """Median ms per step inside EngineCore._outputs, with and without snapshots."""
+    import jax.numpy as jnp
+
+    from jaxserve import LLM
+    from jaxserve.config import ModelConfig
+    from jaxserve.loading import LoadedModel
+    from jaxserve.models.registry import create_model
+
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+          "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "num_key_value_heads": 1, "max_position_embeddings": input_len + output_len + 16,
+          "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "eos_token_id": 1, "bos_token_id": 0}
+    cfg = ModelConfig.from_hf_config(hf)
+    lm = LoadedModel(create_model(cfg, dtype=jnp.float32, seed=0), cfg, hf, None, "tiny", jnp.float32)
+    llm = LLM(lm, max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, batch),
+              max_model_len=input_len + output_len + 8, show_progress=False)
+    core = llm.engine
+    inner, times = core._outputs, []
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            times.append(time.perf_counter() - t)
+    core._outputs = timed
+    out = {}
+    for snapshots in (True, False):
+        times.clear()
+        for i in range(batch):
+            core.add_request(f"{snapshots}-{i}", {"prompt_token_ids": list(range(2, 2 + input_len))},
+                             SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
+        while core.has_unfinished():
+            core.step(snapshots)
+        out[snapshots] = 1e3 * statistics.median(times)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 2048])
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--engine", action="store_true", help="time the engine's output building instead")
+    ap.add_argument("--output-len", type=int, default=512)
     args = ap.parse_args()
+    if args.engine:
+        print(f"{'batch':>6} {'output':>7} {'outputs ms (snapshots)':>23} {'outputs ms (finished only)':>27}")
+        for b in args.batches:
+            r = engine_outputs(b, args.output_len)
+            print(f"{b:>6} {args.output_len:>7} {r[True]:>23.3f} {r[False]:>27.3f}")
+        return
     print(f"{'batch':>6} {'context':>8} {'schedule ms':>12} {'metadata ms':>12} {'update ms':>10}")
     for b in args.batches:
         for c in args.contexts:

@@ -188,6 +188,22 @@ def test_abort_returns_blocks(llm):
     assert not eng.has_unfinished()
 
 
+def test_steps_without_snapshots_return_only_finished_requests(llm):
+    eng = llm.engine
+    prompts, params = _workload(seed=3, n=6)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    streamed = {}
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"snap-{i}", p, sp)
+    while eng.has_unfinished():
+        for out in eng.step(snapshots=False):
+            assert out.finished and out.request_id not in streamed
+            streamed[out.request_id] = out
+    assert [streamed[f"snap-{i}"].outputs[0].token_ids for i in range(6)] == \
+        [w.outputs[0].token_ids for w in want]
+    _assert_all_free(llm)
+
+
 def test_kv_cache_is_donated_not_copied(llm):
     runner = llm.engine.runner
     t, s = runner.buckets[-1]

@@ -253,8 +253,11 @@ class EngineCore:
         return self._finish_group(group)
 
     # -- the loop -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        return self.step_end(self.step_begin())
+    def step(self, snapshots: bool = True) -> list[RequestOutput]:
+        """One engine iteration. `snapshots=False` returns only finished requests' outputs (for
+        callers that never stream: building every running request's cumulative output each step
+        copies its token list, O(generated) per request per step)."""
+        return self.step_end(self.step_begin(), snapshots)
 
     def step_begin(self):
         """Schedule and dispatch a step; returns the dispatched step to complete next (with
@@ -271,7 +274,7 @@ class EngineCore:
         previous, self._inflight = self._inflight, current
         return previous                                  # completed while this one runs
 
-    def step_end(self, entry) -> list[RequestOutput]:
+    def step_end(self, entry, snapshots: bool = True) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs."""
         if entry is None:
             return []
@@ -283,7 +286,7 @@ class EngineCore:
             group_sample = self._sample_of.get(ns.request_id)
             if group_sample is not None and group_sample[0].scheduled_time is None:
                 group_sample[0].scheduled_time = now
-        return self._outputs(events, sampled, now)
+        return self._outputs(events, sampled, now, snapshots)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -292,7 +295,8 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._groups) or self._inflight is not None
 
-    def _outputs(self, events, sampled: dict[str, Sampled], now: float) -> list[RequestOutput]:
+    def _outputs(self, events, sampled: dict[str, Sampled], now: float,
+                 snapshots: bool = True) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
         for req, tok in events:
             if tok is None:
@@ -307,7 +311,13 @@ class EngineCore:
                 group.first_token_time = now
             self._on_token(group, sample, tok, sampled[req.request_id])
             changed[group.request_id] = group
-        return [self._finish_group(g) if g.finished else self._snapshot(g) for g in changed.values()]
+        outs = []
+        for g in changed.values():
+            if g.finished:
+                outs.append(self._finish_group(g))
+            elif snapshots:
+                outs.append(self._snapshot(g, finished=False))
+        return outs
 
     def _on_token(self, group: _Group, s: _Sample, tok: int, sm: Sampled) -> None:
         self.generation_tokens_total += 1
@@ -346,10 +356,10 @@ class EngineCore:
                 entry[t] = Logprob(float(sm.top_logprobs[r]), r + 1, dec([t]))
         return entry
 
-    def _snapshot(self, group: _Group) -> RequestOutput:
+    def _snapshot(self, group: _Group, finished: bool | None = None) -> RequestOutput:
         # NOTE: while a sample runs, hold back the last (longest stop string - 1) characters, so a
         # streamed prefix of a stop string is never shown and then taken back.
-        hold = max((len(x) for x in group.params.stop), default=1) - 1
+        hold = max(map(len, group.params.stop), default=1) - 1
 
         def visible(s: _Sample) -> str:
             return s.text if s.finish_reason is not None or not hold else s.text[: max(0, len(s.text) - hold)]
@@ -363,11 +373,10 @@ class EngineCore:
         if group.first_token_time is not None:
             metrics["first_token_time"] = group.first_token_time
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outs,
-                             group.finished, metrics)
+                             group.finished if finished is None else finished, metrics)
 
     def _finish_group(self, group: _Group) -> RequestOutput:
-        out = self._snapshot(group)
-        out.finished = True
+        out = self._snapshot(group, finished=True)
         out.metrics["finished_time"] = time.monotonic()
         self._groups.pop(group.request_id, None)
         for s in group.samples:

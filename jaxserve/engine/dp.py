@@ -51,11 +51,11 @@ class DataParallelEngine:
         return replica.abort(request_id) if replica is not None else None
 
     # -- the loop -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, snapshots: bool = True) -> list[RequestOutput]:
         entries = [e.step_begin() for e in self.replicas]
         outs: list[RequestOutput] = []
         for e, entry in zip(self.replicas, entries):
-            outs.extend(e.step_end(entry))
+            outs.extend(e.step_end(entry, snapshots))
         for o in outs:
             if o.finished:
                 self._owner.pop(o.request_id, None)

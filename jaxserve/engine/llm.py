@@ -93,7 +93,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generating", unit="req", file=sys.stderr)
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(snapshots=False):   # only finished ones are kept
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:
