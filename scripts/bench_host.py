@@ -11,9 +11,10 @@ so these phases must stay well below that.
 
     python scripts/bench_host.py --engine --batches 64 256 --output-len 512
 
-times instead the engine's output building per step (`EngineCore._outputs`: token bookkeeping,
-RequestOutputs) on a tiny random model, with cumulative snapshots of every running request (as a
-streaming server needs) and without them (as `LLM.generate` runs).
+times instead, on a tiny random model whose step executables are replaced by their first outputs
+(host work only), the runner's dispatch (metadata, input rows, packing) and the engine's output
+building per step (`EngineCore._outputs`), with cumulative snapshots of every running request (as
+a streaming server needs) and without them (as `LLM.generate` runs).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def run(batch: int, context: int, steps: int, block_size: int = 16) -> tuple[flo
     return tuple(1e3 * statistics.median(x) for x in (t_sched, t_meta, t_update))
 
 
-def engine_outputs(batch: int, output_len: int, input_len: int = 16) -> dict[bool, float]:
-    """Median ms per step inside EngineCore._outputs, with and without snapshots."""
+def engine_host(batch: int, output_len: int, input_len: int = 16) -> dict[str, float]:
+    """Median ms per step of the runner's dispatch (its executables replaced by their first
+    outputs, so only host work is timed) and of EngineCore._outputs, with and without snapshots."""
     import jax.numpy as jnp
 
     from jaxserve import LLM
@@ -76,16 +78,30 @@ def engine_outputs(batch: int, output_len: int, input_len: int = 16) -> dict[boo
     lm = LoadedModel(create_model(cfg, dtype=jnp.float32, seed=0), cfg, hf, None, "tiny", jnp.float32)
     llm = LLM(lm, max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, batch),
               max_model_len=input_len + output_len + 8, show_progress=False)
-    core = llm.engine
-    inner, times = core._outputs, []
+    core, runner = llm.engine, llm.engine.runner
+    times: dict[str, list[float]] = {}
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return inner(*a, **k)
-        finally:
-            times.append(time.perf_counter() - t)
-    core._outputs = timed
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times.setdefault(name, []).append(time.perf_counter() - t)
+        return call
+
+    first: dict[tuple, object] = {}
+    executable = runner._executable
+
+    def replayed(key):
+        def call(*args):
+            if key not in first:
+                first[key] = executable(key)(*args)
+            return first[key]
+        return call
+    runner._executable = replayed
+    runner.dispatch = timed("dispatch", runner.dispatch)
+    core._outputs = timed("outputs", core._outputs)
     out = {}
     for snapshots in (True, False):
         times.clear()
@@ -94,7 +110,9 @@ def engine_outputs(batch: int, output_len: int, input_len: int = 16) -> dict[boo
                              SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
         while core.has_unfinished():
             core.step(snapshots)
-        out[snapshots] = 1e3 * statistics.median(times)
+        out[f"outputs {'snapshots' if snapshots else 'finished only'}"] = 1e3 * statistics.median(
+            times["outputs"])
+        out.setdefault("dispatch", 1e3 * statistics.median(times["dispatch"]))
     return out
 
 
@@ -107,10 +125,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512)
     args = ap.parse_args()
     if args.engine:
-        print(f"{'batch':>6} {'output':>7} {'outputs ms (snapshots)':>23} {'outputs ms (finished only)':>27}")
+        print(f"{'batch':>6} {'output':>7} {'dispatch ms':>12} {'outputs ms (snapshots)':>23} "
+              f"{'outputs ms (finished only)':>27}")
         for b in args.batches:
-            r = engine_outputs(b, args.output_len)
-            print(f"{b:>6} {args.output_len:>7} {r[True]:>23.3f} {r[False]:>27.3f}")
+            r = engine_host(b, args.output_len)
+            print(f"{b:>6} {args.output_len:>7} {r['dispatch']:>12.3f} {r['outputs snapshots']:>23.3f} "
+                  f"{r['outputs finished only']:>27.3f}")
         return
     print(f"{'batch':>6} {'context':>8} {'schedule ms':>12} {'metadata ms':>12} {'update ms':>10}")
     for b in args.batches:
