@@ -285,3 +285,34 @@ def test_sampled_results_pack_into_one_array_and_back():
     for have, want in zip(unpack_result(np.asarray(packed)), (tokens, lp, top_ids, top_lp)):
         assert have.dtype == want.dtype
         np.testing.assert_array_equal(have.view(np.int32), want.view(np.int32))
+
+
+def test_step_rows_gather_each_slots_sampling_values_and_resolve_placeholders(llm):
+    from jaxserve.runner.model_runner import ModelRunner
+    from jaxserve.scheduler.output import NewSequence, ScheduledSequence
+    from jaxserve.scheduler.request import PLACEHOLDER
+
+    runner = ModelRunner.__new__(ModelRunner)   # the host-side state only; no model needed
+    runner.cfg, runner._slot, runner._free_slots = llm.engine.runner.cfg, {}, [1, 0]
+    runner._slot_rows = {k: np.zeros_like(v) for k, v in llm.engine.runner._slot_rows.items()}
+    runner._set_slot = lambda state, *a: state
+    runner.sampler_state = None
+    runner._admit(NewSequence("a", [2, 3], [], SamplingParams(temperature=0.5, top_p=0.8, min_tokens=3),
+                              7, (1,)))
+    runner._admit(NewSequence("b", [4], [], SamplingParams(temperature=0.0, logprobs=2), 9, (1,)))
+    seqs = [ScheduledSequence("b", [5, 6, 7], 1, [3], True, 0),
+            ScheduledSequence("a", [PLACEHOLDER], 4, [2], True, 4)]
+    ids, src, logits_idx, rows = runner._step_rows(seqs, 8, 4)
+    assert ids.tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
+    assert src.tolist() == [-1, -1, -1, runner._slot["a"], -1, -1, -1, -1]
+    assert logits_idx.tolist() == [2, 3, 0, 0]
+    assert rows["slot"][:2].tolist() == [runner._slot["b"], runner._slot["a"]]
+    np.testing.assert_allclose(rows["temperature"][:2], [0.0, 0.5])
+    np.testing.assert_allclose(rows["top_p"][:2], [1.0, 0.8])
+    assert rows["seed"][:2].tolist() == [9, 7] and rows["block_stop"][:3].tolist() == [False, False, False]
+    assert rows["num_generated"][:2].tolist() == [0, 4] and rows["valid"][:3].tolist() == [True, True, False]
+    assert runner._slot_rows["mode"][runner._slot["b"]] == 2   # logprobs need the full sampler
+    seqs[1] = ScheduledSequence("a", [PLACEHOLDER], 1, [2], True, 1)
+    assert runner._step_rows(seqs, 8, 4)[3]["block_stop"][1]   # 1 < min_tokens 3
+    with pytest.raises(RuntimeError, match="b: a placeholder token before the last one"):
+        runner._step_rows([ScheduledSequence("b", [PLACEHOLDER, 5], 1, [3], True, 0)], 8, 4)
