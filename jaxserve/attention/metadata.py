@@ -52,7 +52,7 @@ def build_metadata(
     Returns the metadata and `positions` [num_tokens] (padding tokens get position 0).
     """
     # NOTE: vectorised over the batch (one numpy call per field, not several per sequence): at
-    # 64-256 sequences the per-sequence loop was ~1-4 ms of host time per step.
+    # 64-256 sequences the per-sequence loop took 0.5-3.6 ms of host time per step (CPU).
     n = len(seqs)
     if n > num_seqs:
         raise ValueError(f"{n} sequences do not fit the {num_seqs}-sequence bucket")
