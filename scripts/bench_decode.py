@@ -17,6 +17,7 @@ Process 0 times (end-to-end figures only); the others replay its steps.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import time
@@ -96,7 +97,6 @@ class Phases:
             executable, dispatch_keyed, fetch_keyed)
 
     def reset(self):
-        import collections
         self.t, self.n = collections.defaultdict(float), collections.Counter()
         self.steps, self.wait = collections.Counter(), collections.defaultdict(float)
         self._key_of, self._last_key = {}, None
