@@ -359,14 +359,16 @@ class EngineCore:
     def _snapshot(self, group: _Group, finished: bool | None = None) -> RequestOutput:
         # NOTE: while a sample runs, hold back the last (longest stop string - 1) characters, so a
         # streamed prefix of a stop string is never shown and then taken back.
-        hold = max(map(len, group.params.stop), default=1) - 1
-
-        def visible(s: _Sample) -> str:
-            return s.text if s.finish_reason is not None or not hold else s.text[: max(0, len(s.text) - hold)]
-
-        outs = [CompletionOutput(s.index, visible(s), list(s.req.output_token_ids), s.cumulative,
-                                 list(s.logprobs) if s.logprobs is not None else None,
-                                 s.finish_reason, s.stop_reason) for s in group.samples]
+        stop = group.params.stop
+        hold = max(map(len, stop)) - 1 if stop else 0
+        outs = []
+        for s in group.samples:
+            text = s.text
+            if hold and s.finish_reason is None:
+                text = text[: max(0, len(text) - hold)]
+            outs.append(CompletionOutput(s.index, text, s.req.output_token_ids[:], s.cumulative,
+                                         s.logprobs[:] if s.logprobs is not None else None,
+                                         s.finish_reason, s.stop_reason))
         metrics = {"arrival": group.arrival}
         if group.scheduled_time is not None:
             metrics["first_scheduled_time"] = group.scheduled_time
