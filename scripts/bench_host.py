@@ -14,12 +14,14 @@ so these phases must stay well below that.
 times instead, on a tiny random model whose step executables are replaced by their first outputs
 (host work only), the runner's dispatch (metadata, input rows, packing) and the engine's output
 building per step (`EngineCore._outputs`), with cumulative snapshots of every running request (as
-a streaming server needs) and without them (as `LLM.generate` runs).
+a streaming server needs) and without them (as `LLM.generate` runs), and the full garbage
+collections that ran meanwhile (the engine's block pool sized like a GPU's, `--pages`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -60,7 +62,8 @@ def run(batch: int, context: int, steps: int, block_size: int = 16) -> tuple[flo
     return tuple(1e3 * statistics.median(x) for x in (t_sched, t_meta, t_update))
 
 
-def engine_host(batch: int, output_len: int, input_len: int = 16) -> dict[str, float]:
+def engine_host(batch: int, output_len: int, pages: int = 200_000,
+                input_len: int = 16) -> dict[str, float]:
     """Median ms per step of the runner's dispatch (its executables replaced by their first
     outputs, so only host work is timed) and of EngineCore._outputs, with and without snapshots."""
     import jax.numpy as jnp
@@ -77,7 +80,7 @@ def engine_host(batch: int, output_len: int, input_len: int = 16) -> dict[str, f
     cfg = ModelConfig.from_hf_config(hf)
     lm = LoadedModel(create_model(cfg, dtype=jnp.float32, seed=0), cfg, hf, None, "tiny", jnp.float32)
     llm = LLM(lm, max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, batch),
-              max_model_len=input_len + output_len + 8, show_progress=False)
+              max_model_len=input_len + output_len + 8, num_kv_blocks=pages, show_progress=False)
     core, runner = llm.engine, llm.engine.runner
     times: dict[str, list[float]] = {}
 
@@ -102,6 +105,16 @@ def engine_host(batch: int, output_len: int, input_len: int = 16) -> dict[str, f
     runner._executable = replayed
     runner.dispatch = timed("dispatch", runner.dispatch)
     core._outputs = timed("outputs", core._outputs)
+    pauses: list[float] = []
+    started: list[float] = []
+
+    def on_gc(phase, info):   # full (generation-2) collections while the steps run
+        if info["generation"] == 2:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses.append(time.perf_counter() - started.pop())
+    gc.callbacks.append(on_gc)
     out = {}
     for snapshots in (True, False):
         times.clear()
@@ -113,6 +126,9 @@ def engine_host(batch: int, output_len: int, input_len: int = 16) -> dict[str, f
         out[f"outputs {'snapshots' if snapshots else 'finished only'}"] = 1e3 * statistics.median(
             times["outputs"])
         out.setdefault("dispatch", 1e3 * statistics.median(times["dispatch"]))
+    gc.callbacks.remove(on_gc)
+    out["full gc pauses"] = len(pauses)
+    out["longest full gc ms"] = 1e3 * max(pauses, default=0.0)
     return out
 
 
@@ -123,14 +139,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--engine", action="store_true", help="time the engine's output building instead")
     ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--pages", type=int, default=200_000,
+                    help="KV pages of the engine (--engine): a GPU-sized block pool")
     args = ap.parse_args()
     if args.engine:
         print(f"{'batch':>6} {'output':>7} {'dispatch ms':>12} {'outputs ms (snapshots)':>23} "
-              f"{'outputs ms (finished only)':>27}")
+              f"{'outputs ms (finished only)':>27} {'full GCs':>9} {'longest ms':>11}")
         for b in args.batches:
-            r = engine_host(b, args.output_len)
+            r = engine_host(b, args.output_len, args.pages)
             print(f"{b:>6} {args.output_len:>7} {r['dispatch']:>12.3f} {r['outputs snapshots']:>23.3f} "
-                  f"{r['outputs finished only']:>27.3f}")
+                  f"{r['outputs finished only']:>27.3f} {r['full gc pauses']:>9} "
+                  f"{r['longest full gc ms']:>11.1f}")
         return
     print(f"{'batch':>6} {'context':>8} {'schedule ms':>12} {'metadata ms':>12} {'update ms':>10}")
     for b in args.batches:

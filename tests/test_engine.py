@@ -316,3 +316,22 @@ def test_step_rows_gather_each_slots_sampling_values_and_resolve_placeholders(ll
     assert runner._step_rows(seqs, 8, 4)[3]["block_stop"][1]   # 1 < min_tokens 3
     with pytest.raises(RuntimeError, match="b: a placeholder token before the last one"):
         runner._step_rows([ScheduledSequence("b", [PLACEHOLDER, 5], 1, [3], True, 0)], 8, 4)
+
+
+def test_engine_start_up_objects_leave_the_cyclic_gc_unless_asked_not_to():
+    import gc
+
+    from jaxserve.engine.core import EngineConfig, EngineCore
+
+    def engine(freeze):
+        return EngineCore(tiny_loaded(), EngineConfig(
+            max_model_len=32, max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=16,
+            compilation_cache_dir=None, show_progress=False, freeze_gc=freeze))
+
+    assert EngineConfig().freeze_gc
+    before = gc.get_freeze_count()
+    engine(True)
+    assert gc.get_freeze_count() > before + 1000   # the engine's start-up objects, frozen
+    before = gc.get_freeze_count()
+    engine(False)
+    assert gc.get_freeze_count() <= before   # (frozen objects freed since then only lower it)
