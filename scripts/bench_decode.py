@@ -97,7 +97,7 @@ class Phases:
             executable, dispatch_keyed, fetch_keyed)
 
     def reset(self):
-        self.t, self.n = collections.defaultdict(float), collections.Counter()
+        self.calls: dict[str, list[float]] = collections.defaultdict(list)   # seconds per call
         self.steps, self.wait = collections.Counter(), collections.defaultdict(float)
         self._key_of, self._last_key = {}, None
 
@@ -109,15 +109,15 @@ class Phases:
             try:
                 return f(*a, **k)
             finally:
-                self.t[name] += time.perf_counter() - t
-                self.n[name] += 1
+                self.calls[name].append(time.perf_counter() - t)
         setattr(obj, name, timed)
 
     def report(self, label: str, wall: float) -> str:
         lines = [f"host phases, {label}: wall {1e3 * wall:.1f} ms over {sum(self.steps.values())} steps"]
-        for name, t in sorted(self.t.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {name:<20} {1e3 * t:9.1f} ms  ({self.n[name]} calls, "
-                         f"{1e3 * t / max(self.n[name], 1):.3f} ms each)")
+        for name, calls in sorted(self.calls.items(), key=lambda kv: -sum(kv[1])):
+            t = sum(calls)
+            lines.append(f"  {name:<20} {1e3 * t:9.1f} ms  ({len(calls)} calls, "
+                         f"{1e3 * t / len(calls):.3f} ms each)")
         for key, n in self.steps.most_common():
             w = self.wait.get(key, 0.0)
             lines.append(f"  step {str(key):<24} x{n:<4} fetch wait {1e3 * w:8.1f} ms "

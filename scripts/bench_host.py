@@ -67,6 +67,7 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
     """Median ms per step of the runner's dispatch (its executables replaced by their first
     outputs, so only host work is timed) and of EngineCore._outputs, with and without snapshots."""
     import jax.numpy as jnp
+    from bench_decode import Phases
 
     from jaxserve import LLM
     from jaxserve.config import ModelConfig
@@ -82,17 +83,6 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
     llm = LLM(lm, max_num_seqs=batch, max_num_batched_tokens=max(batch * input_len, batch),
               max_model_len=input_len + output_len + 8, num_kv_blocks=pages, show_progress=False)
     core, runner = llm.engine, llm.engine.runner
-    times: dict[str, list[float]] = {}
-
-    def timed(name, fn):
-        def call(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                times.setdefault(name, []).append(time.perf_counter() - t)
-        return call
-
     first: dict[tuple, object] = {}
     executable = runner._executable
 
@@ -103,8 +93,7 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
             return first[key]
         return call
     runner._executable = replayed
-    runner.dispatch = timed("dispatch", runner.dispatch)
-    core._outputs = timed("outputs", core._outputs)
+    phases = Phases(core)   # times dispatch and _outputs per call (bench_decode --phases)
     pauses: list[float] = []
     started: list[float] = []
 
@@ -117,15 +106,15 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
     gc.callbacks.append(on_gc)
     out = {}
     for snapshots in (True, False):
-        times.clear()
+        phases.reset()
         for i in range(batch):
             core.add_request(f"{snapshots}-{i}", {"prompt_token_ids": list(range(2, 2 + input_len))},
                              SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))
         while core.has_unfinished():
             core.step(snapshots)
         out[f"outputs {'snapshots' if snapshots else 'finished only'}"] = 1e3 * statistics.median(
-            times["outputs"])
-        out.setdefault("dispatch", 1e3 * statistics.median(times["dispatch"]))
+            phases.calls["_outputs"])
+        out.setdefault("dispatch", 1e3 * statistics.median(phases.calls["dispatch"]))
     gc.callbacks.remove(on_gc)
     out["full gc pauses"] = len(pauses)
     out["longest full gc ms"] = 1e3 * max(pauses, default=0.0)

@@ -80,7 +80,7 @@ def test_preempts_newest_and_recomputes():
         run_step(s)
     out = s.schedule()
     (seq,) = [q for q in out.seqs if q.request_id == "new"]
-    assert seq.num_computed_tokens == 0 and seq.token_ids == new.known_token_ids and seq.sample
+    assert seq.num_computed_tokens == 0 and seq.token_ids == new.prompt_token_ids + new.output_token_ids and seq.sample
     assert [n.request_id for n in out.new_seqs] == ["new"]
     assert out.new_seqs[0].output_token_ids == generated_before
 
@@ -214,7 +214,7 @@ def test_async_decode_feeds_a_placeholder_resolved_in_order():
     assert q.token_ids == [PLACEHOLDER] and q.num_computed_tokens == 5 and q.sample
     assert q.num_generated == 1                  # seeds fold in the same count as a sync loop
     s.update_from_output(first, {"a": 11})
-    assert r.all_token_ids[-2:] == [11, PLACEHOLDER]
+    assert r.token_slice(r.num_tokens - 2, r.num_tokens) == [11, PLACEHOLDER]
     s.update_from_output(second, {"a": 12})
     assert r.output_token_ids == [11, 12] and r.num_placeholders == 0
     assert r.num_computed_tokens == 6            # token 12 is fed by the next step
@@ -275,7 +275,8 @@ def test_token_views_read_the_same_tokens_without_copying_the_context():
         r = req("v", rnd.randint(1, 40))
         r.output_token_ids.extend(rnd.randrange(1000) for _ in range(rnd.randint(0, 20)))
         r.num_placeholders = rnd.randint(0, 2)
-        known, full = r.known_token_ids, r.all_token_ids
+        known = r.prompt_token_ids + r.output_token_ids          # what the views stand for
+        full = known + [PLACEHOLDER] * r.num_placeholders
         view = r.known_tokens
         assert isinstance(view, KnownTokens) and len(view) == len(known) and list(view) == known
         for _ in range(20):
@@ -286,7 +287,7 @@ def test_token_views_read_the_same_tokens_without_copying_the_context():
         assert view[::2] == known[::2]
         with pytest.raises(IndexError):
             view[len(known)]
-    assert PLACEHOLDER not in r.known_token_ids
+    assert PLACEHOLDER not in r.known_tokens
 
 
 def test_block_ids_follow_allocation_preemption_and_free():

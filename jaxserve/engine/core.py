@@ -365,7 +365,7 @@ class EngineCore:
                 entry[t] = Logprob(float(sm.top_logprobs[r]), r + 1, dec([t]))
         return entry
 
-    def _snapshot(self, group: _Group, finished: bool | None = None) -> RequestOutput:
+    def _snapshot(self, group: _Group, finished: bool) -> RequestOutput:
         # NOTE: while a sample runs, hold back the last (longest stop string - 1) characters, so a
         # streamed prefix of a stop string is never shown and then taken back.
         stop = group.params.stop
@@ -384,7 +384,7 @@ class EngineCore:
         if group.first_token_time is not None:
             metrics["first_token_time"] = group.first_token_time
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outs,
-                             group.finished if finished is None else finished, metrics)
+                             finished, metrics)
 
     def _finish_group(self, group: _Group) -> RequestOutput:
         out = self._snapshot(group, finished=True)

@@ -74,26 +74,18 @@ class Request:
         self.num_placeholders = 0
 
     @property
-    def known_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def known_tokens(self) -> KnownTokens:
-        """`known_token_ids` without the copy."""
+        """The prompt followed by the generated tokens (a view; `list()` it for a copy)."""
         return KnownTokens(self.prompt_token_ids, self.output_token_ids)
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """`all_token_ids[start:stop]`, copying only those tokens."""
+        """Tokens [start, stop) of the known tokens followed by one PLACEHOLDER per token still
+        being sampled, copying only those tokens."""
         p, o = self.prompt_token_ids, self.output_token_ids
         k = len(p) + len(o)
         if start >= k:            # a decode feeding the token still in flight
             return [PLACEHOLDER] * (stop - start)
         return KnownTokens(p, o)[start:min(stop, k)] + [PLACEHOLDER] * (stop - max(start, k))
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Known tokens followed by one PLACEHOLDER per token still being sampled."""
-        return self.known_token_ids + [PLACEHOLDER] * self.num_placeholders
 
     @property
     def num_tokens(self) -> int:
