@@ -72,11 +72,22 @@ class Phases:
         for obj, name in [(engine.scheduler, "schedule"), (engine.scheduler, "update_from_output"),
                           (self.runner, "_admit"), (self.runner, "dispatch"), (engine, "_outputs")]:
             self._wrap(obj, name)
+        import jaxserve.runner.model_runner as mr
+        self._wrap(mr, "build_metadata", "dispatch: build_metadata")
+        self._wrap(self.runner, "_step_rows", "dispatch: _step_rows")
         execute, dispatch, fetch = self.runner._executable, self.runner.dispatch, self.runner.fetch
 
         def executable(key):
             self._last_key = key if key[0] != "sample" else self._last_key
-            return execute(key)
+            exe = execute(key)
+
+            def call(*a):   # the executable's host time inside the loop (device busy)
+                t = time.perf_counter()
+                try:
+                    return exe(*a)
+                finally:
+                    self.calls[f"dispatch: call {key[0]}"].append(time.perf_counter() - t)
+            return call
 
         def dispatch_keyed(out):
             handle = dispatch(out)
@@ -101,15 +112,15 @@ class Phases:
         self.steps, self.wait = collections.Counter(), collections.defaultdict(float)
         self._key_of, self._last_key = {}, None
 
-    def _wrap(self, obj, name):
-        f = getattr(obj, name)
+    def _wrap(self, obj, name, label=None):
+        f, label = getattr(obj, name), label or name
 
         def timed(*a, **k):
             t = time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
-                self.calls[name].append(time.perf_counter() - t)
+                self.calls[label].append(time.perf_counter() - t)
         setattr(obj, name, timed)
 
     def report(self, label: str, wall: float) -> str:
