@@ -70,7 +70,8 @@ class Phases:
         self.engine, self.runner = engine, engine.runner
         self.reset()
         for obj, name in [(engine.scheduler, "schedule"), (engine.scheduler, "update_from_output"),
-                          (self.runner, "_admit"), (self.runner, "dispatch"), (engine, "_outputs")]:
+                          (self.runner, "_admit"), (self.runner, "_flush_fills"),
+                          (self.runner, "dispatch"), (engine, "_outputs")]:
             self._wrap(obj, name)
         import jaxserve.runner.model_runner as mr
         self._wrap(mr, "build_metadata", "dispatch: build_metadata")
@@ -113,7 +114,9 @@ class Phases:
         self._key_of, self._last_key = {}, None
 
     def _wrap(self, obj, name, label=None):
-        f, label = getattr(obj, name), label or name
+        f, label = getattr(obj, name, None), label or name
+        if f is None:   # (an older engine without this phase)
+            return
 
         def timed(*a, **k):
             t = time.perf_counter()

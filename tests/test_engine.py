@@ -287,15 +287,60 @@ def test_sampled_results_pack_into_one_array_and_back():
         np.testing.assert_array_equal(have.view(np.int32), want.view(np.int32))
 
 
+def test_slot_fills_set_admitted_rows_like_dense_rows():
+    import jax
+
+    from jaxserve.sampling.sampler import FILL_SIZES, SlotFills, fill_slots, init_sampler_state
+
+    r, v = 4, 37
+    rng = np.random.default_rng(0)
+    fill = jax.jit(fill_slots)
+    state = init_sampler_state(r, v)
+    # stale rows everywhere (a slot is reused after another request released it)
+    state = fill(state, np.full(r, r, np.int32), np.array(
+        [[s, t, k, np.float32(-2.5).view(np.int32)] for s in range(r) for t in (3, 30) for k in range(4)],
+        np.int32))
+    requests = {   # slot -> (prompt, output so far, stop ids, logit bias)
+        2: (rng.integers(0, v, FILL_SIZES[-1] + 50).tolist(), [5, 5, 9], [1, 36], {0: 1.5, 36: -7.25}),
+        0: ([4, 4, 8], [], [1], None),
+        3: ([], [], [], {})}
+    fills = SlotFills(r)
+    for slot, (prompt, output, stop, bias) in requests.items():
+        fills.add(slot, prompt, output, stop, bias)
+    calls = fills.take()
+    assert [e.shape[0] for _, e in calls] == [FILL_SIZES[-1], FILL_SIZES[0]]   # a long prompt spans calls
+    assert sorted(calls[0][0][:3].tolist()) == [0, 2, 3] and (calls[1][0] == r).all()
+    assert fills.take() == []
+    for clear, entries in calls:
+        state = fill(state, clear, entries)
+    for slot in range(r):
+        want_counts, want_prompt = np.zeros(v, np.int32), np.zeros(v, bool)
+        want_stop, want_bias = np.zeros(v, bool), np.zeros(v, np.float32)
+        if slot in requests:
+            prompt, output, stop, bias = requests[slot]
+            np.add.at(want_counts, output, 1)
+            want_prompt[prompt] = want_stop[stop] = True
+            for t, b in (bias or {}).items():
+                want_bias[t] = b
+        else:   # untouched: keeps its stale row
+            want_counts[[3, 30]], want_prompt[[3, 30]], want_stop[[3, 30]] = 1, True, True
+            want_bias[[3, 30]] = -2.5
+        np.testing.assert_array_equal(np.asarray(state.out_counts[slot]), want_counts)
+        np.testing.assert_array_equal(np.asarray(state.prompt_mask[slot]), want_prompt)
+        np.testing.assert_array_equal(np.asarray(state.stop_mask[slot]), want_stop)
+        np.testing.assert_array_equal(np.asarray(state.bias[slot]), want_bias)
+
+
 def test_step_rows_gather_each_slots_sampling_values_and_resolve_placeholders(llm):
     from jaxserve.runner.model_runner import ModelRunner
+    from jaxserve.sampling.sampler import SlotFills
     from jaxserve.scheduler.output import NewSequence, ScheduledSequence
     from jaxserve.scheduler.request import PLACEHOLDER
 
     runner = ModelRunner.__new__(ModelRunner)   # the host-side state only; no model needed
     runner.cfg, runner._slot, runner._free_slots = llm.engine.runner.cfg, {}, [1, 0]
     runner._slot_rows = {k: np.zeros_like(v) for k, v in llm.engine.runner._slot_rows.items()}
-    runner._set_slot = lambda state, *a: state
+    runner._fills = SlotFills(2)
     runner.sampler_state = None
     runner._admit(NewSequence("a", [2, 3], [], SamplingParams(temperature=0.5, top_p=0.8, min_tokens=3),
                               7, (1,)))

@@ -32,8 +32,8 @@ from jaxserve.models.layers import CausalLM
 from jaxserve.runner.compile import CompileCounter
 from jaxserve.runner.packing import (pack_forward, pack_result, pack_sampling, unpack_forward,
                                      unpack_result, unpack_sampling)
-from jaxserve.sampling.sampler import (SAMPLER_MODES, SamplingTensors, _set_slot,
-                                       init_sampler_state, sample, sampler_mode, set_slot)
+from jaxserve.sampling.sampler import (FILL_SIZES, SAMPLER_MODES, SamplingTensors, SlotFills,
+                                       fill_slots, init_sampler_state, sample, sampler_mode)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
 from jaxserve.scheduler.request import PLACEHOLDER
@@ -92,8 +92,9 @@ class ModelRunner:
                               [(kv_sharding.spec,) * 2 for _ in range(self.cfg.num_layers)])
         self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
         self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
-        self._set_slot = set_slot if rep is None else jax.jit(_set_slot, donate_argnums=(0,),
-                                                              out_shardings=rep)
+        self._fill_slots = (jax.jit(fill_slots, donate_argnums=(0,)) if rep is None else
+                            jax.jit(fill_slots, donate_argnums=(0,), out_shardings=rep))
+        self._fills = SlotFills(max_num_seqs)
         all_buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.buckets = all_buckets
         self.backend = (get_backend(attention_backend) if isinstance(attention_backend, str)
@@ -251,9 +252,13 @@ class ModelRunner:
                 _, self.sampler_state = self._exec[key](logits, self.sampler_state, args[2])
             else:
                 _, self.kv = self._exec[key](self.params, self.kv, args[2], self.sampler_state.last_token)
-        empty = np.zeros(self.cfg.vocab_size, np.int32)
-        self.sampler_state = self._set_slot(self.sampler_state, np.int32(0), empty, empty.astype(bool),
-                                      empty.astype(np.float32), empty.astype(bool))
+        # the padding runs wrote into slot 0: every slot starts empty (and both fill sizes compile)
+        r = self.max_num_seqs
+        for n in FILL_SIZES:
+            entries = np.zeros((n, 4), np.int32)
+            entries[:, 0] = r
+            self.sampler_state = self._fill_slots(self.sampler_state, np.arange(r, dtype=np.int32),
+                                                  entries)
         jax.block_until_ready((self.kv, self.sampler_state))
         self.warmup_seconds = {"trace_lower": t1 - t0, "compile": t2 - t1,
                                "first_run": time.perf_counter() - t2, "executables": len(work),
@@ -266,16 +271,9 @@ class ModelRunner:
             self._release(ns.request_id)
         slot = self._free_slots.pop()
         v = self.cfg.vocab_size
-        counts = np.bincount(np.asarray(ns.output_token_ids, np.int64), minlength=v)[:v].astype(np.int32)
-        prompt = np.zeros(v, bool)
-        prompt[np.asarray(ns.prompt_token_ids, np.int64)] = True
-        bias = np.zeros(v, np.float32)
-        for tok, b in (ns.params.logit_bias or {}).items():
-            bias[tok] = b
-        stop = np.zeros(v, bool)
         stop_ids = [t for t in list(ns.eos_token_ids) + list(ns.params.stop_token_ids) if 0 <= t < v]
-        stop[stop_ids] = True
-        self.sampler_state = self._set_slot(self.sampler_state, np.int32(slot), counts, prompt, bias, stop)
+        # sent with the step's other admissions (`_flush_fills`), before its sampler runs
+        self._fills.add(slot, ns.prompt_token_ids, ns.output_token_ids, stop_ids, ns.params.logit_bias)
         self._slot[ns.request_id] = slot
         p, r = ns.params, self._slot_rows
         r["seed"][slot] = _seed32(ns.seed)
@@ -285,6 +283,12 @@ class ModelRunner:
         r["min_tokens"][slot] = p.min_tokens
         r["mode"][slot] = SAMPLER_MODES.index(sampler_mode(
             [(p.temperature, p.top_k, p.top_p, p.logprobs is not None)]))
+
+    def _flush_fills(self) -> None:
+        """Set up the slots admitted since the last call on the device (one small call per step,
+        more only for very long prompts)."""
+        for clear, entries in self._fills.take():
+            self.sampler_state = self._fill_slots(self.sampler_state, clear, entries)
 
     def _release(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)
@@ -321,6 +325,7 @@ class ModelRunner:
             self._release(rid)
         for ns in out.new_seqs:
             self._admit(ns)
+        self._flush_fills()
         if not out.seqs:
             return None
         if self._step_decode is not None and out.num_tokens == len(out.seqs):

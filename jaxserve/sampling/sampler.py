@@ -75,13 +75,80 @@ def init_sampler_state(num_slots: int, vocab_size: int, sharding=None) -> Sample
     return jax.jit(make, out_shardings=sharding)()
 
 
-def _set_slot(state: SamplerState, slot, counts, prompt, bias, stop) -> SamplerState:
-    return SamplerState(state.out_counts.at[slot].set(counts), state.prompt_mask.at[slot].set(prompt),
-                        state.bias.at[slot].set(bias), state.stop_mask.at[slot].set(stop),
-                        state.last_token)
+# Setting up admitted slots: a step's admissions go to the device as one small sparse update
+# (the rows themselves are [V] wide: four dense rows per request cost ~0.9 ms of host time each,
+# 0.23 s for 256 admissions on an H200 host). Entries are int32 rows (slot, token, kind, value):
+FILL_COUNT, FILL_PROMPT, FILL_STOP, FILL_BIAS = range(4)   # kinds; value = f32 bits for FILL_BIAS
+FILL_SIZES = (1024, 16384)   # entries per call (static shapes, compiled at warm-up)
 
 
-set_slot = jax.jit(_set_slot, donate_argnums=(0,))
+def fill_slots(state: SamplerState, clear: jax.Array, entries: jax.Array) -> SamplerState:
+    """Start the slots in `clear` [R] (value R: none) over with empty rows, then scatter
+    `entries` [N, 4] into the rows: output-token counts (added), prompt and stop tokens (set),
+    logit biases (set). Entries with slot R are padding."""
+    r = state.last_token.shape[0]
+    slot, tok, kind, bits = (entries[:, i] for i in range(4))
+
+    def rows(k):
+        return jnp.where(kind == k, slot, r)   # out of bounds: dropped
+
+    # NOTE: a mask over whole rows, fused in place: scattering [R, V] of zeros by `clear` made
+    # XLA stage the zeros (350 MB of temporaries at R=256, V=152k)
+    cleared = jnp.zeros((r, 1), bool).at[clear, 0].set(True, mode="drop")
+
+    def start(x, fill):
+        return jnp.where(cleared, fill, x)
+    counts = start(state.out_counts, 0).at[rows(FILL_COUNT), tok].add(1, mode="drop")
+    prompt = start(state.prompt_mask, False).at[rows(FILL_PROMPT), tok].set(True, mode="drop")
+    stop = start(state.stop_mask, False).at[rows(FILL_STOP), tok].set(True, mode="drop")
+    bias = start(state.bias, 0.0).at[rows(FILL_BIAS), tok].set(
+        jax.lax.bitcast_convert_type(bits, jnp.float32), mode="drop")
+    return SamplerState(counts, prompt, bias, stop, state.last_token)
+
+
+class SlotFills:
+    """Host side of `fill_slots`: collects the admissions of a step, then cuts them into calls of
+    the compiled sizes (the first call clears every admitted slot, so a long prompt can span
+    several calls)."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._clear: list[int] = []
+        self._parts: list[np.ndarray] = []
+
+    def add(self, slot: int, prompt, output, stop, bias: dict[int, float] | None) -> None:
+        self._clear.append(slot)
+        for kind, toks in ((FILL_PROMPT, prompt), (FILL_COUNT, output), (FILL_STOP, stop)):
+            toks = np.asarray(toks, np.int32)
+            if toks.size:
+                part = np.empty((toks.size, 4), np.int32)
+                part[:, 0], part[:, 1], part[:, 2], part[:, 3] = slot, toks, kind, 0
+                self._parts.append(part)
+        if bias:
+            part = np.empty((len(bias), 4), np.int32)
+            part[:, 0], part[:, 2] = slot, FILL_BIAS
+            part[:, 1] = np.fromiter(bias.keys(), np.int32, len(bias))
+            part[:, 3] = np.fromiter(bias.values(), np.float32, len(bias)).view(np.int32)
+            self._parts.append(part)
+
+    def take(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(clear [R], entries [size, 4]) per call, in order; empties the collection."""
+        if not self._clear:
+            return []
+        clear = np.full(self.num_slots, self.num_slots, np.int32)
+        clear[:len(self._clear)] = self._clear
+        entries = (np.concatenate(self._parts) if self._parts else np.empty((0, 4), np.int32))
+        self._clear, self._parts = [], []
+        calls, big = [], FILL_SIZES[-1]
+        for start in range(0, max(len(entries), 1), big):
+            chunk = entries[start:start + big]
+            size = next(n for n in FILL_SIZES if n >= len(chunk))
+            padded = np.zeros((size, 4), np.int32)
+            padded[:, 0] = self.num_slots
+            padded[:len(chunk)] = chunk
+            calls.append((clear, padded))
+            clear = np.full(self.num_slots, self.num_slots, np.int32)
+        return calls
 
 
 def apply_penalties_and_bias(logits: jax.Array, state: SamplerState, t: SamplingTensors) -> jax.Array:
