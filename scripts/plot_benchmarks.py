@@ -90,15 +90,25 @@ def main() -> None:
     runs = serve["runs"]
     conc = [1, 4, 16, 64, 256]
     rows = [runs["c1"]] + [runs[f"conc{c}"] for c in conc[1:]]
+    # the latest sweep (fewer loads) drawn over the first one
+    new = load("serve_h100_qwen2.5-7b_2026-11-27.json")
+    nconc = [1] + sorted(int(k[4:]) for k in new["runs"] if k.startswith("conc"))
+    nrows = [new["runs"]["c1"]] + [new["runs"][f"conc{c}"] for c in nconc[1:]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(conc, [r["output_throughput"] for r in rows], "o-", color="#1f77b4")
+    axes[0].plot(conc, [r["output_throughput"] for r in rows], "o-", color="#1f77b4",
+                 label=f"{serve['date']} ({serve['commit']})")
+    axes[0].plot(nconc, [r["output_throughput"] for r in nrows], "s-", color="#ff7f0e",
+                 label=f"{new['date']} ({new['commit']})")
+    axes[0].legend(fontsize=8)
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("concurrent requests")
     axes[0].set_ylabel("output tok/s")
     axes[0].set_title("throughput vs concurrency")
     for key, label in (("median_ttft_ms", "median TTFT"), ("median_itl_ms", "median ITL"),
                        ("p99_itl_ms", "p99 ITL")):
-        axes[1].plot(conc, [r[key] for r in rows], "o-", label=label)
+        line, = axes[1].plot(conc, [r[key] for r in rows], "o-", label=f"{label} ({serve['date']})")
+        axes[1].plot(nconc, [r[key] for r in nrows], "s--", color=line.get_color(),
+                     label=f"{label} ({new['date']})")
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("concurrent requests")
@@ -109,6 +119,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(IMG, "serve_concurrency_h100.png"), dpi=110)
 
+    runs = new["runs"]   # percentiles from the latest sweep
     r1 = runs["rate1"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     pcts = ["p50", "p90", "p99"]
@@ -121,7 +132,8 @@ def main() -> None:
     ax.set_xticks([j + width / 2 for j in range(3)], pcts)
     ax.set_ylabel("ms")
     ax.legend()
-    ax.set_title(f"1 req/s Poisson, prompts 128-384, replies 96-288 tokens\n{serve['device']}", fontsize=10)
+    ax.set_title(f"1 req/s Poisson, prompts 128-384, replies 96-288 tokens\n{new['device']}, "
+                 f"{new['date']} ({new['commit']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(IMG, "serve_latency_h100.png"), dpi=110)
     print("wrote", ", ".join(sorted(os.listdir(IMG))))
