@@ -248,7 +248,7 @@ def main() -> None:
         n, k, h = HEADS["qwen2.5-7b"]
         q, kc, vc, tables, lens = make_case(64, 2048, n, k, h)
         nbytes = bytes_read([2048] * 64, k, h, 2)
-        grid = {"splits": (1, 2), "ppb": (4, 8, 16), "warps": (2, 4), "stages": (2, 3, 4)}
+        grid = {"splits": (1, 2), "ppb": (4, 8, 16), "warps": (2, 4, 8), "stages": (2, 3, 4)}
         sweep = sweep_grid(grid, lambda c: lambda q, kc, vc, t, l: paged_decode_attention(
             q, kc, vc, t, l, scale=h ** -0.5, splits=c["splits"], pages_per_block=c["ppb"],
             num_warps=c["warps"], num_stages=c["stages"]), (q, kc, vc, tables, lens))
