@@ -87,10 +87,12 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
     executable = runner._executable
 
     def replayed(key):
-        def call(*args):
+        def call(*args):   # (first output, the state handed in): later calls donate nothing
             if key not in first:
-                first[key] = executable(key)(*args)
-            return first[key]
+                res = executable(key)(*args)
+                first[key] = res[0]
+                return res
+            return first[key], args[1]
         return call
     runner._executable = replayed
     phases = Phases(core)   # times dispatch and _outputs per call (bench_decode --phases)
