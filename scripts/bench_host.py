@@ -33,18 +33,22 @@ from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
 
 
 def run(batch: int, context: int, steps: int, block_size: int = 16) -> tuple[float, float, float]:
-    max_len = context + steps + 64
+    # the requests prefilled first decode while the others prefill: none may finish before the
+    # timed steps, or fewer than `batch` sequences would be timed
+    prefill_steps = -(-batch * context // 2048) + 1
+    max_len = context + prefill_steps + steps + 64
     pages = batch * (-(-max_len // block_size)) + 1
     kv = KVCacheManager(pages, block_size)
     sched = Scheduler(SchedulerConfig(batch, 2048, max_len, block_size), kv)
     for i in range(batch):
         sched.add_request(Request(f"r{i}", list(range(i, i + context)), SamplingParams(
-            max_tokens=steps + 8, temperature=0.0, ignore_eos=True)))
+            max_tokens=prefill_steps + steps + 8, temperature=0.0, ignore_eos=True)))
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in sched.requests.values()):
         out = sched.schedule()
         sched.update_from_output(out, {q.request_id: 5 for q in out.seqs if q.sample})
     t_sched, t_meta, t_update = [], [], []
     prev = sched.schedule()
+    assert len(prev.seqs) == batch, (len(prev.seqs), batch)
     for _ in range(steps):
         t0 = time.perf_counter()
         out = sched.schedule()

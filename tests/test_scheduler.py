@@ -295,11 +295,16 @@ def test_block_ids_follow_allocation_preemption_and_free():
     a, b = req("a", 9, max_tokens=20), req("b", 9, max_tokens=20, start=100)
     s.add_request(a)
     s.add_request(b)
+    handed = []   # every step's tables as handed over, and what they were then
     for _ in range(24):
         out = s.schedule()
         for q in out.seqs:
-            assert q.block_table == [blk.block_id for blk in s.kv._blocks[q.request_id]]
+            want = [blk.block_id for blk in s.kv._blocks[q.request_id]]
+            assert q.block_table.tolist() == want
+            handed.append((q.block_table, want))
         s.update_from_output(out, {q.request_id: 7 for q in out.seqs if q.sample})
     assert s.num_preemptions > 0   # 11 usable blocks cannot hold both at full length
+    # tables handed over without a copy never change afterwards (growth, preemption, re-admission)
+    assert all(table.tolist() == want for table, want in handed)
     s.finish_request("a", "abort")
-    assert s.kv.block_ids("a") == []
+    assert s.kv.block_ids("a").tolist() == []

@@ -13,7 +13,6 @@ point there; nothing valid is ever read from it.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import jax
 import numpy as np
@@ -66,8 +65,9 @@ def build_metadata(
     if t > num_tokens:
         raise ValueError(f"{t} tokens do not fit the {num_tokens}-token bucket")
     tables = np.zeros((num_seqs, max_blocks_per_seq), np.int32)
-    tables[:n][np.arange(max_blocks_per_seq) < pages[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(tb for tb, _, _ in seqs), np.int32, int(pages.sum()))
+    if n:
+        tables[:n][np.arange(max_blocks_per_seq) < pages[:, None]] = np.concatenate(
+            [np.asarray(tb, np.int32) for tb, _, _ in seqs])
     seq_lens = np.zeros(num_seqs, np.int32)
     seq_lens[:n] = computed + new
     qsl = np.zeros(num_seqs + 1, np.int32)

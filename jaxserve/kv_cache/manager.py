@@ -8,9 +8,36 @@ every token in them is known and scheduled, so later requests (and a request's o
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from jaxserve.kv_cache.block_pool import Block, BlockPool, hash_full_blocks
+
+
+class _BlockIds:
+    """A request's block ids as a growing int32 buffer. `view()` is a copy-free array of the ids so
+    far, which later growth never changes (it writes past the view, or into a new buffer): the
+    scheduler hands each step's tables to the runner without copying them."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self):
+        self.buf = np.empty(16, np.int32)
+        self.n = 0
+
+    def extend(self, ids: Iterable[int]) -> None:
+        ids = np.fromiter(ids, np.int32)
+        end = self.n + len(ids)
+        if end > len(self.buf):
+            grown = np.empty(max(2 * len(self.buf), end), np.int32)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:end] = ids
+        self.n = end
+
+    def view(self) -> np.ndarray:
+        return self.buf[:self.n]
 
 
 class KVCacheManager:
@@ -19,7 +46,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[Block]] = {}
-        self._ids: dict[str, list[int]] = {}     # the same tables as block ids, kept in step
+        self._ids: dict[str, _BlockIds] = {}     # the same tables as block ids, kept in step
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}
         self.prefix_cache_queries = 0   # prompt tokens looked up
@@ -51,12 +78,22 @@ class KVCacheManager:
 
     # -- allocation -----------------------------------------------------------------------------
     def allocate_slots(self, req_id: str, token_ids: Sequence[int], num_computed: int,
-                       num_new: int, cached_prefix: Sequence[Block] = ()) -> bool:
+                       num_new: int, cached_prefix: Sequence[Block] = (), *,
+                       num_known: int | None = None) -> bool:
         """Make room for `num_new` more tokens after `num_computed` (which counts `cached_prefix`,
-        the prefix hits being attached now). False, with nothing changed, if blocks run out."""
-        blocks = self._blocks.setdefault(req_id, [])
-        ids = self._ids.setdefault(req_id, [])
+        the prefix hits being attached now). False, with nothing changed, if blocks run out.
+        `num_known`: len(token_ids), when the caller has it."""
         total = num_computed + num_new
+        if num_known is None:
+            num_known = len(token_ids)
+        blocks = self._blocks.get(req_id)
+        if blocks is not None and not cached_prefix and total <= len(blocks) * self.block_size:
+            # the usual decode step: room in the last block already
+            if (not self.enable_caching
+                    or min(total, num_known) // self.block_size <= self._num_cached.get(req_id, 0)):
+                return True
+        blocks = self._blocks.setdefault(req_id, [])
+        ids = self._ids.setdefault(req_id, _BlockIds())
         need = -(-total // self.block_size) - len(blocks) - len(cached_prefix)
         # hits sitting in the free queue
         reserved = sum(1 for b in cached_prefix if b.ref_cnt == 0) if cached_prefix else 0
@@ -74,7 +111,7 @@ class KVCacheManager:
             blocks.extend(fresh)
             ids.extend(b.block_id for b in fresh)
         if self.enable_caching:
-            full = min(total, len(token_ids)) // self.block_size
+            full = min(total, num_known) // self.block_size
             start = self._num_cached.get(req_id, 0)
             if full > start:
                 hashes = self._hashes_for(req_id, token_ids, full)
@@ -94,8 +131,10 @@ class KVCacheManager:
         self._hashes.pop(req_id, None)
         self._num_cached.pop(req_id, None)
 
-    def block_ids(self, req_id: str) -> list[int]:
-        return list(self._ids.get(req_id, ()))
+    def block_ids(self, req_id: str) -> np.ndarray:
+        """The request's block ids so far, int32, without a copy (see `_BlockIds`)."""
+        ids = self._ids.get(req_id)
+        return ids.view() if ids is not None else np.empty(0, np.int32)
 
     def num_blocks_of(self, req_id: str) -> int:
         return len(self._blocks.get(req_id, []))

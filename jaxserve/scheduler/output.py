@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from jaxserve.sampling.params import SamplingParams
 
@@ -23,7 +24,7 @@ class ScheduledSequence:
     request_id: str
     token_ids: list[int]            # tokens fed this step: positions num_computed .. +len-1
     num_computed_tokens: int        # tokens already in the KV cache before this step
-    block_table: list[int]          # the sequence's pages, in order
+    block_table: Sequence[int]      # the sequence's pages, in order (int32 array, not a copy)
     sample: bool                    # True when this step reaches the last known token -> sample
     num_generated: int              # output tokens so far (seeded sampling folds this in)
 

@@ -106,24 +106,30 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        max_model_len = self.config.max_model_len
         scheduled: list[tuple[Request, int]] = []
         new: list[Request] = []
         preempted = 0
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget,
-                          self.config.max_model_len - req.num_computed_tokens)
-            if req.params.max_tokens is not None and req.num_generated >= req.params.max_tokens:
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            # (the Request properties spelled out: this loop runs per running request per step)
+            known = len(req.prompt_token_ids) + len(req.output_token_ids)
+            computed = req.num_computed_tokens
+            num_new = min(known + req.num_placeholders - computed, budget, max_model_len - computed)
+            max_tokens = req.params.max_tokens
+            if (max_tokens is not None
+                    and len(req.output_token_ids) + req.num_placeholders >= max_tokens):
                 num_new = 0   # its last token is in flight: nothing more to compute
             if num_new <= 0:
                 i += 1
                 continue
             ok = False
             while True:
-                if self.kv.allocate_slots(req.request_id, req.known_tokens,
-                                          req.num_computed_tokens, num_new):
+                if self.kv.allocate_slots(req.request_id, req.known_tokens, computed, num_new,
+                                          num_known=known):
                     ok = True
                     break
                 victim = self.running[-1]
