@@ -20,11 +20,12 @@ class _BlockIds:
     far, which later growth never changes (it writes past the view, or into a new buffer): the
     scheduler hands each step's tables to the runner without copying them."""
 
-    __slots__ = ("buf", "n")
+    __slots__ = ("buf", "n", "_view")
 
     def __init__(self):
         self.buf = np.empty(16, np.int32)
         self.n = 0
+        self._view = None
 
     def extend(self, ids: Iterable[int]) -> None:
         ids = np.fromiter(ids, np.int32)
@@ -35,9 +36,12 @@ class _BlockIds:
             self.buf = grown
         self.buf[self.n:end] = ids
         self.n = end
+        self._view = None
 
     def view(self) -> np.ndarray:
-        return self.buf[:self.n]
+        if self._view is None:
+            self._view = self.buf[:self.n]
+        return self._view
 
 
 class KVCacheManager:
@@ -86,12 +90,8 @@ class KVCacheManager:
         total = num_computed + num_new
         if num_known is None:
             num_known = len(token_ids)
-        blocks = self._blocks.get(req_id)
-        if blocks is not None and not cached_prefix and total <= len(blocks) * self.block_size:
-            # the usual decode step: room in the last block already
-            if (not self.enable_caching
-                    or min(total, num_known) // self.block_size <= self._num_cached.get(req_id, 0)):
-                return True
+        if not cached_prefix and self.has_room(req_id, total, num_known):
+            return True
         blocks = self._blocks.setdefault(req_id, [])
         ids = self._ids.setdefault(req_id, _BlockIds())
         need = -(-total // self.block_size) - len(blocks) - len(cached_prefix)
@@ -119,6 +119,16 @@ class KVCacheManager:
                     self.pool.cache_block(blocks[i], hashes[i])
                 self._num_cached[req_id] = full
         return True
+
+    def has_room(self, req_id: str, total: int, num_known: int) -> bool:
+        """True when the request's blocks already hold `total` tokens and no block has become
+        full of known tokens since it was last cached: `allocate_slots` would change nothing (the
+        usual decode step; callers may skip it then)."""
+        blocks = self._blocks.get(req_id)
+        if blocks is None or total > len(blocks) * self.block_size:
+            return False
+        return (not self.enable_caching
+                or min(total, num_known) // self.block_size <= self._num_cached.get(req_id, 0))
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += num_prompt_tokens

@@ -19,7 +19,7 @@ class NewSequence:
     eos_token_ids: tuple[int, ...]  # masked out (with stop_token_ids) until min_tokens is reached
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledSequence:
     request_id: str
     token_ids: list[int]            # tokens fed this step: positions num_computed .. +len-1

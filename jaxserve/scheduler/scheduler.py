@@ -126,6 +126,11 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            if self.kv.has_room(req.request_id, computed + num_new, known):
+                scheduled.append((req, num_new))   # nothing to allocate (most decode steps)
+                budget -= num_new
+                i += 1
+                continue
             ok = False
             while True:
                 if self.kv.allocate_slots(req.request_id, req.known_tokens, computed, num_new,
@@ -173,10 +178,9 @@ class Scheduler:
             start = req.num_computed_tokens
             tokens = req.token_slice(start, start + n)
             sample = start + n == req.num_tokens
-            seqs.append(ScheduledSequence(
-                request_id=req.request_id, token_ids=tokens, num_computed_tokens=start,
-                block_table=self.kv.block_ids(req.request_id),
-                sample=sample, num_generated=req.num_generated))
+            seqs.append(ScheduledSequence(req.request_id, tokens, start,
+                                          self.kv.block_ids(req.request_id), sample,
+                                          req.num_generated))
             req.num_computed_tokens = start + n
             if sample:
                 req.num_placeholders += 1
