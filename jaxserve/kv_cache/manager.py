@@ -90,8 +90,6 @@ class KVCacheManager:
         total = num_computed + num_new
         if num_known is None:
             num_known = len(token_ids)
-        if not cached_prefix and self.has_room(req_id, total, num_known):
-            return True
         blocks = self._blocks.setdefault(req_id, [])
         ids = self._ids.setdefault(req_id, _BlockIds())
         need = -(-total // self.block_size) - len(blocks) - len(cached_prefix)
@@ -123,7 +121,7 @@ class KVCacheManager:
     def has_room(self, req_id: str, total: int, num_known: int) -> bool:
         """True when the request's blocks already hold `total` tokens and no block has become
         full of known tokens since it was last cached: `allocate_slots` would change nothing (the
-        usual decode step; callers may skip it then)."""
+        usual decode step; the scheduler skips it then)."""
         blocks = self._blocks.get(req_id)
         if blocks is None or total > len(blocks) * self.block_size:
             return False

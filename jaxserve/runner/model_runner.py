@@ -92,8 +92,7 @@ class ModelRunner:
                               [(kv_sharding.spec,) * 2 for _ in range(self.cfg.num_layers)])
         self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
         self.sampler_state = init_sampler_state(max_num_seqs, self.cfg.vocab_size, sharding=rep)
-        self._fill_slots = (jax.jit(fill_slots, donate_argnums=(0,)) if rep is None else
-                            jax.jit(fill_slots, donate_argnums=(0,), out_shardings=rep))
+        self._fill_slots = jax.jit(fill_slots, donate_argnums=(0,), out_shardings=rep)
         self._fills = SlotFills(max_num_seqs)
         all_buckets = make_buckets(max_num_batched_tokens, max_num_seqs)
         self.buckets = all_buckets

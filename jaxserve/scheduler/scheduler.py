@@ -126,13 +126,9 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            if self.kv.has_room(req.request_id, computed + num_new, known):
-                scheduled.append((req, num_new))   # nothing to allocate (most decode steps)
-                budget -= num_new
-                i += 1
-                continue
-            ok = False
-            while True:
+            # most decode steps have room in their last block: nothing to allocate
+            ok = self.kv.has_room(req.request_id, computed + num_new, known)
+            while not ok:
                 if self.kv.allocate_slots(req.request_id, req.known_tokens, computed, num_new,
                                           num_known=known):
                     ok = True
