@@ -26,8 +26,11 @@ def cap_logits(x, soft_cap: float | None):
 
 def tile_rows(tables_ref, seq, first_page, slot, page_size: int):
     """Token-slot rows [len(slot)] of the cache seen as [P*B, K, H] for the tile that starts at
-    page `first_page` of sequence `seq`'s page table (one gather, no in-kernel reshape)."""
-    return tables_ref[seq, first_page + slot // page_size] * page_size + slot % page_size
+    page `first_page` of sequence `seq`'s page table (one gather, no in-kernel reshape). A tile
+    that runs past the table's last entry reads that entry again for the missing pages (slots the
+    caller masks: they lie past the sequence's length), so tables need no padding."""
+    page = jnp.minimum(first_page + slot // page_size, tables_ref.shape[1] - 1)
+    return tables_ref[seq, page] * page_size + slot % page_size
 
 
 def step(carry, logits, v, valid=None, kv_ok=None):

@@ -2,12 +2,15 @@
 
 Cache layout (jaxserve's): k_cache, v_cache [P, B, K, H] — P pages of B tokens, K kv heads, H dims;
 the kernel sees it as token-slot rows [P*B, K, H] (a free reshape). Grid (S sequences, K kv heads,
-splits): each program takes the G = N/K query heads that share one kv head (padded to a power of
-two >= 16 rows for the tensor-core dot), walks its share of the sequence's page table
-`pages_per_block` pages at a time (one row gather of the tile's token slots; tiles wholly inside
-the context run without masks), and keeps an online softmax in fp32 with base-2 logits (log2 e
-folded into the query scale, so each probability is one exp2). A jnp epilogue merges the splits
-(fp32 log-sum-exp merge); with one split the kernel writes the normalised output itself.
+splits): each program takes the G = N/K query heads that share one kv head (read straight from the
+unpadded query rows as one masked tile of a power of two >= 16 rows, for the tensor-core dot),
+walks its share of the sequence's page table `pages_per_block` pages at a time (one row gather of
+the tile's token slots; tiles wholly inside the context run without masks; the page index is
+clamped to the table, so tables need no padding), and keeps an online softmax in fp32 with base-2
+logits (log2 e folded into the query scale, so each probability is one exp2). With one split the
+kernel stores its G normalised rows straight into the [S, N, H] output (masked stores), so no XLA
+pad, slice or copy runs around it; with several, a jnp epilogue merges the splits' fp32 partials
+(log-sum-exp merge).
 
 Fused variant (`paged_decode_fused`): the input is the layer's fused q/k/v rows of each kv head
 ([S, K, G+2, H]: G query heads, the new key, the new value; RoPE already applied), so no XLA
@@ -26,44 +29,54 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import online_softmax as osm
 
 
 def _decode_kernel(
-    q_ref,        # [Gp, H]      query heads of this kv head (rows >= G are padding; fused: row G
-                  #              is the new key, row G + 1 the new value)
+    q_ref,        # [S*K*R, H]   every sequence's rows, kv head by kv head: R = G query rows (fused:
+                  #              then the new key and the new value, R = G + 2), unpadded
     k_ref,        # [P*B, H]     this kv head's slice of the key pages, one row per token slot
     v_ref,        # [P*B, H]
-    tables_ref,   # [S, Mp]      page tables (padded with page 0)
+    tables_ref,   # [S, M]       page tables
     lens_ref,     # [S]          KV length of each sequence (0 = padding), new token included
-    *out_refs,    # o [Gp, H] (this split's output / l), m [Gp] and l [Gp] (its running max and
-                  # sum; absent with one split, whose o is the final normalised output), then
-                  # fused: (k pages, v pages) of this kv head, aliased to k_ref / v_ref
+    *out_refs,    # one split: o [S*K*G, H], the normalised output; several: o [Gp, H] (this
+                  # split's output / l), m [Gp] and l [Gp] (its running max and sum); then fused:
+                  # (k pages, v pages) of this kv head, aliased to k_ref / v_ref
     pages_per_block: int,
     pages_per_split: int,
     scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
     page_size: int,
-    new_row: int | None = None,   # fused: index G of the new key row
+    group: int,                   # G query heads per kv head
+    tile_rows: int,               # Gp: the query tile (a power of two >= 16 and >= R)
+    fused: bool,                  # rows G and G + 1 are the new key and value
     splits: int,                  # the grid's split count (one split: no m / l outputs)
 ):
     o_ref, m_ref, l_ref = out_refs[:3] if splits > 1 else (out_refs[0], None, None)
     cache_out = out_refs[3:] if splits > 1 else out_refs[1:]
     s = pl.program_id(0)
+    j = pl.program_id(1)
     split = pl.program_id(2)
-    gp, h = q_ref.shape
+    k_heads = pl.num_programs(1)
+    gp, h = tile_rows, k_ref.shape[1]
+    n_rows = group + 2 if fused else group
     b = page_size
     block = pages_per_block * b
     slot = jnp.arange(block, dtype=jnp.int32)
     seq_len = lens_ref[s]
     # fused: the newest token comes from the input rows, the cache supplies the ones before it
-    cached = seq_len if new_row is None else jnp.maximum(seq_len - 1, 0)
+    cached = seq_len if not fused else jnp.maximum(seq_len - 1, 0)
     n_pages = (cached + b - 1) // b
     first = split * pages_per_split
     last = jnp.minimum(first + pages_per_split, n_pages)
-    q = osm.scaled_query(q_ref[...], scale, soft_cap, k_ref.dtype)     # base-2 logits
+    r = jnp.arange(gp, dtype=jnp.int32)
+    start = (s * k_heads + j) * n_rows
+    # this kv head's rows, the tile's rows past them zero (masked: nothing past the array is read)
+    q_rows = plgpu.load(q_ref.at[pl.ds(start, gp), :], mask=(r < n_rows)[:, None], other=0)
+    q = osm.scaled_query(q_rows, scale, soft_cap, k_ref.dtype)            # base-2 logits
 
     def step(i, carry, masked: bool):
         p0 = first + i * pages_per_block
@@ -85,10 +98,10 @@ def _decode_kernel(
     if sliding_window is None and splits == 1:
         n_full = jnp.clip((jnp.minimum(cached // b, last) - first) // pages_per_block, 0, n_iter)
     init = osm.init(gp, h)
-    if new_row is not None:
+    if fused:
         # split 0 starts from the new token (a softmax over one key: m = its logit, l = 1)
-        k_new = q_ref[new_row, :]
-        v_new = q_ref[new_row + 1, :]
+        k_new = q_ref[start + group, :]
+        v_new = q_ref[start + group + 1, :]
         mine = (split == 0) & (seq_len > 0)
         logit = osm.cap_logits(
             jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1), soft_cap)
@@ -106,55 +119,66 @@ def _decode_kernel(
 
     carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
     o, m, l = jax.lax.fori_loop(n_full, n_iter, functools.partial(step, masked=True), carry)
-    if m_ref is None:   # one split: the normalised output, no merge after the kernel
-        o_ref[...] = jnp.where(l[:, None] > 0, o / jnp.maximum(l, 1e-30)[:, None],
-                               0.0).astype(o_ref.dtype)
+    if m_ref is None:
+        # one split: the normalised rows of the G query heads, stored in place in [S*K*G, H]
+        out = jnp.where(l[:, None] > 0, o / jnp.maximum(l, 1e-30)[:, None], 0.0)
+        plgpu.store(o_ref.at[pl.ds((s * k_heads + j) * group, gp), :], out.astype(o_ref.dtype),
+                    mask=(r < group)[:, None])
         return
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, pages_per_split,
-                 scale, sliding_window, soft_cap, num_warps, num_stages, interpret,
-                 new_row=None):
-    s_, k_heads, gp, h = q.shape
+def _decode_call(rows, k_cache, v_cache, tables, lens, *, group, fused, splits, pages_per_block,
+                 pages_per_split, scale, sliding_window, soft_cap, num_warps, num_stages,
+                 interpret):
+    """rows: [S, K, R, H] (R = G, or G + 2 fused). One split returns [o [S*K*G, H]]; several
+    return the partials [o, m, l]; fused, the updated caches follow."""
+    s_, k_heads, n_rows, h = rows.shape
     p, b, _, _ = k_cache.shape
-    mp = tables.shape[1]
+    m = tables.shape[1]
+    gp = max(16, 1 << (n_rows - 1).bit_length())
     kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
                                pages_per_split=pages_per_split, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, page_size=b,
-                               new_row=new_row, splits=splits)
-    # token-slot rows: [P, B, K, H] -> [P*B, K, H] is a bitcast (the in-place update survives it)
+                               group=group, tile_rows=gp, fused=fused, splits=splits)
+    # token-slot rows: [P, B, K, H] -> [P*B, K, H] is a bitcast (the in-place update survives it),
+    # as is [S, K, R, H] -> [S*K*R, H]
     k_rows = k_cache.reshape(p * b, k_heads, h)
     v_rows = v_cache.reshape(p * b, k_heads, h)
-    # one split writes its normalised output in the query dtype; several write fp32 partials and
-    # their running max and sum for the merge
-    out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h),
-                                      q.dtype if splits == 1 else jnp.float32)]
-    out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0))]
-    if splits > 1:
-        out_shape += [jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)] * 2
-        out_specs += [pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0))] * 2
+    if splits == 1:
+        # the normalised output in the query dtype, every program storing its G rows
+        n_out = s_ * k_heads * group
+        out_shape = [jax.ShapeDtypeStruct((n_out, h), rows.dtype)]
+        out_specs = [pl.BlockSpec((n_out, h), lambda i, j, c: (0, 0))]
+    else:
+        # fp32 partials and their running max and sum, for the merge
+        out_shape = [jax.ShapeDtypeStruct((splits, s_, k_heads, gp, h), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, s_, k_heads, gp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, j, c: (c, i, j, 0, 0)),
+                     pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0)),
+                     pl.BlockSpec((None, None, None, gp), lambda i, j, c: (c, i, j, 0))]
     pages_spec = pl.BlockSpec((p * b, None, h), lambda i, j, c: (0, j, 0))   # head j's slots
     aliases = {}
-    if new_row is not None:   # the caches come back as outputs, updated in place
+    if fused:   # the caches come back as outputs, updated in place
         aliases = {1: len(out_shape), 2: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
                       jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype)]
         out_specs += [pages_spec, pages_spec]
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    n_in = s_ * k_heads * n_rows
     outs = pl.pallas_call(
         kernel,
         grid=(s_, k_heads, splits),
         in_specs=[
-            pl.BlockSpec((None, None, gp, h), lambda i, j, c: (i, j, 0, 0)),      # q (fused: q/k/v rows)
+            pl.BlockSpec((n_in, h), lambda i, j, c: (0, 0)),                      # all rows
             pages_spec,                                                           # k pages, head j
             pages_spec,                                                           # v pages, head j
-            pl.BlockSpec((s_, mp), lambda i, j, c: (0, 0)),                       # page tables
+            pl.BlockSpec((s_, m), lambda i, j, c: (0, 0)),                        # page tables
             pl.BlockSpec((s_,), lambda i, j, c: (0,)),                            # lengths
         ],
         out_specs=out_specs,
@@ -162,9 +186,9 @@ def _decode_call(q, k_cache, v_cache, tables, lens, *, splits, pages_per_block, 
         input_output_aliases=aliases,
         compiler_params=compiler_params,
         interpret=interpret,
-        name="jaxserve_paged_decode" if new_row is None else "jaxserve_paged_decode_fused",
-    )(q, k_rows, v_rows, tables, lens)
-    if new_row is not None:
+        name="jaxserve_paged_decode_fused" if fused else "jaxserve_paged_decode",
+    )(rows.reshape(n_in, h), k_rows, v_rows, tables, lens)
+    if fused:
         outs = [*outs[:-2], outs[-2].reshape(k_cache.shape), outs[-1].reshape(v_cache.shape)]
     return outs
 
@@ -191,42 +215,37 @@ def paged_decode_attention(
     k_heads = k_cache.shape[2]
     g = n // k_heads
     outs = _launch(q.reshape(s_, k_heads, g, h), k_cache, v_cache, block_tables, seq_lens,
-                   splits=splits, pages_per_block=pages_per_block, scale=scale,
+                   group=g, splits=splits, pages_per_block=pages_per_block, scale=scale,
                    sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
                    num_stages=num_stages, interpret=interpret)
-    return _merge_splits(outs, g).reshape(s_, n, h).astype(q.dtype)
+    return _merge_splits(outs, s_, k_heads, g).astype(q.dtype)
 
 
-def _launch(rows, k_cache, v_cache, block_tables, seq_lens, *, splits, pages_per_block,
-            new_row=None, **knobs):
-    """Pad each kv head's rows [S, K, R, H] to a power of two >= 16 (the tensor-core dot), lay the
-    page tables out per split, and run the kernel."""
-    r = rows.shape[2]
-    rp = max(16, 1 << (r - 1).bit_length())
-    if rp != r:
-        rows = jnp.pad(rows, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+def _launch(rows, k_cache, v_cache, block_tables, seq_lens, *, group, splits, pages_per_block,
+            fused=False, **knobs):
+    """Split the page tables' walk and run the kernel -> [o] (one split) or [o, m, l], then the
+    updated caches when fused."""
     m = block_tables.shape[1]
     pages_per_block = min(pages_per_block, 1 << (m - 1).bit_length())
     pages_per_split = -(-m // splits)
     pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
-    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pages_per_split * splits - m)))
-    return _decode_call(rows, k_cache, v_cache, tables, seq_lens.astype(jnp.int32), splits=splits,
-                        pages_per_block=pages_per_block, pages_per_split=pages_per_split,
-                        new_row=new_row, **knobs)
+    return _decode_call(rows, k_cache, v_cache, block_tables.astype(jnp.int32),
+                        seq_lens.astype(jnp.int32), group=group, fused=fused, splits=splits,
+                        pages_per_block=pages_per_block, pages_per_split=pages_per_split, **knobs)
 
 
-def _merge_splits(outs, g: int):
-    """fp32 log-sum-exp merge of the splits' partial results -> [S, K, G, H] (one split: its
-    output, already normalised, without the padding rows)."""
+def _merge_splits(outs, s_: int, k_heads: int, g: int):
+    """-> [S, K*G, H]: one split's output as it is (already normalised, G rows per kv head);
+    several splits' partials merged in fp32 (log-sum-exp), without the tile's padding rows."""
     if len(outs) == 1:
-        return outs[0][0, :, :, :g, :]
+        return outs[0].reshape(s_, k_heads * g, -1)
     o, mx, l = outs
     m_all = mx.max(axis=0)                                      # [S, K, Gp]
-    w = jnp.exp2(mx - m_all[None])          # the kernel's running maxima are base-2 logits                               # [splits, S, K, Gp]
+    w = jnp.exp2(mx - m_all[None])        # the kernel's running maxima are base-2 logits
     l_all = (l * w).sum(axis=0)
     o_all = (o * w[..., None]).sum(axis=0)
     out = jnp.where(l_all[..., None] > 0, o_all / jnp.maximum(l_all, 1e-30)[..., None], 0.0)
-    return out[:, :, :g, :]
+    return out[:, :, :g, :].reshape(s_, k_heads * g, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "splits", "pages_per_block", "sliding_window",
@@ -253,11 +272,11 @@ def paged_decode_fused(
     s_, k_heads, c, h = qkv.shape
     g = c - 2
     *outs, k_cache, v_cache = _launch(
-        qkv, k_cache, v_cache, block_tables, seq_lens, splits=splits,
+        qkv, k_cache, v_cache, block_tables, seq_lens, group=g, splits=splits,
         pages_per_block=pages_per_block, scale=scale, sliding_window=sliding_window,
         soft_cap=soft_cap, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        new_row=g)
-    out = _merge_splits(outs, g).reshape(s_, k_heads * g, h).astype(qkv.dtype)
+        fused=True)
+    out = _merge_splits(outs, s_, k_heads, g).astype(qkv.dtype)
     return out, k_cache, v_cache
 
 

@@ -40,7 +40,7 @@ def _prefill_kernel(
     q_ref,        # [T*G+R, H]   this kv head's queries, token-major (row r: token r // G)
     k_ref,        # [P*B, H]     this kv head's key pages, one row per token slot
     v_ref,        # [P*B, H]
-    tables_ref,   # [S, Mp]      page tables (padded with page 0)
+    tables_ref,   # [S, M]       page tables
     lens_ref,     # [S]          KV length of each sequence, new tokens included
     qsl_ref,      # [S+1]        query start offsets
     o_in_ref,     # [T*G+R, H]   zeros (aliased with o_ref)
@@ -119,7 +119,7 @@ def _prefill_call(work, qk, k_cache, v_cache, tables, lens, qsl, *, block_rows, 
                   interpret):
     k_heads, rows_total, h = qk.shape
     p, b, _, _ = k_cache.shape
-    s_, mp = tables.shape
+    s_, m = tables.shape
     w = work.shape[0]
     kernel = functools.partial(_prefill_kernel, block_rows=block_rows, group=group,
                                pages_per_block=pages_per_block, scale=scale,
@@ -136,7 +136,7 @@ def _prefill_call(work, qk, k_cache, v_cache, tables, lens, qsl, *, block_rows, 
             pl.BlockSpec((None, rows_total, h), lambda i, j: (j, 0, 0)),       # queries, head j
             pl.BlockSpec((p * b, None, h), lambda i, j: (0, j, 0)),            # k slots, head j
             pl.BlockSpec((p * b, None, h), lambda i, j: (0, j, 0)),            # v slots, head j
-            pl.BlockSpec((s_, mp), lambda i, j: (0, 0)),                       # page tables
+            pl.BlockSpec((s_, m), lambda i, j: (0, 0)),                        # page tables
             pl.BlockSpec((s_,), lambda i, j: (0,)),                            # lengths
             pl.BlockSpec((s_ + 1,), lambda i, j: (0,)),                        # query starts
             pl.BlockSpec((None, rows_total, h), lambda i, j: (j, 0, 0)),       # zeros (aliased)
@@ -199,8 +199,7 @@ def paged_prefill_attention(
         block_q = max(1, 128 // gp)
     block_q = max(block_q, -(-16 // gp))                  # at least 16 rows for the tensor-core dot
     pages_per_block = min(pages_per_block, 1 << (m - 1).bit_length())
-    mp = -(-m // pages_per_block) * pages_per_block
-    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, mp - m)))
+    tables = block_tables.astype(jnp.int32)    # a tile past the table's end is clamped, masked
     rows = block_q * gp                                   # query rows per program
     # token-major rows per kv head, the group unpadded; R spare rows keep a last block in bounds
     qk = q.reshape(t, k_heads, g, h).transpose(1, 0, 2, 3).reshape(k_heads, t * g, h)

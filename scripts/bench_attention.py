@@ -7,7 +7,10 @@ prefill (`--prefill`): measures bf16 matmul throughput first (8192^3), then per 
 TFLOP/s and % of that of our ragged prefill kernel and of the engine's jnp blockwise attention.
 Each attention figure is per call in a chain of calls inside one executable (each output the next
 call's query), the way the model's layers run; separately dispatched calls would add a gap of
-several µs per call that the engine pays once per step.
+several µs per call that the engine pays once per step. The "dev" columns are the device time of
+one call's kernels as CUPTI records them (`jax.experimental.mosaic.gpu.profiler.measure`: every
+kernel the call launches, the wrapper's XLA ops included, without the launch gaps between them),
+median of 20 calls; the read ceiling is then measured the same way.
 
     python scripts/bench_attention.py [--quick] [--sweep] [--prefill] [--prefill-only] [--json out.json]
 """
@@ -59,6 +62,20 @@ def timeit_chained(f, q, *rest, chain: int = 10, iters: int = 3, rounds: int = 5
     return timeit(many, q, *rest, iters=iters, rounds=rounds) / chain
 
 
+def device_time(f, *args, iterations: int = 20) -> float:
+    """Seconds of device time per call of `f`: the sum of the kernels one call launches as CUPTI
+    records them, median over `iterations` calls (NaN where CUPTI is unavailable)."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+        f = jax.jit(f)
+        jax.block_until_ready(f(*args))
+        _, runs = profiler.measure(f, aggregate=False, iterations=iterations)(*args)
+        return statistics.median(sum(t for _, t in run) for run in runs) / 1e3
+    except Exception as e:  # keep the chained figures: report why this one is missing
+        print(f"  device time unavailable: {type(e).__name__}: {str(e)[:160]}")
+        return float("nan")
+
+
 def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
     """Time `make(config)` on `args` (chained) for every combination of the grid's values; rows
     {**config, "config": "k=v ...", "us"} sorted fastest first; a configuration that fails to
@@ -76,15 +93,18 @@ def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
     return sorted(rows, key=lambda r: r["us"])
 
 
-def read_ceiling() -> float:
+def read_ceiling() -> tuple[float, float]:
+    """HBM read TB/s: best of three XLA reductions over 4 GiB of bf16, timed back to back and by
+    CUPTI device time."""
     n = 2 << 30  # 4 GiB of bf16
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    best = 0.0
+    best, best_dev = 0.0, 0.0
     for f in (jax.jit(lambda a: jnp.sum(a)), jax.jit(lambda a: jnp.max(a)),
               jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0))):
         best = max(best, n * 2 / timeit(f, x, iters=10, rounds=3) / 1e12)
+        best_dev = max(best_dev, n * 2 / device_time(f, x, iterations=10) / 1e12)
     del x
-    return best
+    return best, best_dev
 
 
 def matmul_ceiling() -> float:
@@ -117,7 +137,8 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
     cases = {"1 x 512 new": [(0, 512)], "1 x 2048 new": [(0, 2048)],
              "4 x 512 new after 1536 cached": [(1536, 512)] * 4}
     rows = []
-    print(f"{'heads':>11} {'step':>30} | {'ours µs':>8} {'TFLOP/s':>8} {'%':>4} | {'jnp µs':>8} {'TFLOP/s':>8} | err")
+    print(f"{'heads':>11} {'step':>30} | {'ours µs':>8} {'TFLOP/s':>8} {'%':>4} | {'jnp µs':>8} {'TFLOP/s':>8} | err"
+          f"   | dev: {'ours µs':>8} {'%':>4}")
     for name, (n, k, h) in HEADS.items():
         for label, seqs in cases.items():
             q, kc, vc, tables, lens, qsl = make_ragged(seqs, n, k, h)
@@ -130,6 +151,7 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
                 q, kc, vc, t, l, s, scale=h ** -0.5, block_q=bq, pages_per_block=ppb,
                 num_warps=warps, num_stages=stages))
             t_ours = timeit_chained(ours, q, kc, vc, d_tables, d_lens, d_qsl)
+            d_ours = device_time(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             meta, pos = build_metadata([(tables[i].tolist(), c, x) for i, (c, x) in enumerate(seqs)],
                                        block_size=16, num_tokens=q.shape[0], num_seqs=len(seqs),
                                        max_blocks_per_seq=tables.shape[1])
@@ -143,10 +165,12 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
             row = {"heads": name, "step": label, "flops": flops, "ours_us": t_ours * 1e6,
                    "ours_tflops": tf(t_ours), "ours_pct": 100 * tf(t_ours) / tflops,
                    "jnp_us": t_ref * 1e6, "jnp_tflops": tf(t_ref), "max_abs_err": err,
+                   "ours_dev_us": d_ours * 1e6, "ours_dev_pct": 100 * tf(d_ours) / tflops,
                    "params": {"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages}}
             rows.append(row)
             print(f"{name:>11} {label:>30} | {row['ours_us']:>8.1f} {row['ours_tflops']:>8.1f} "
-                  f"{row['ours_pct']:>4.0f} | {row['jnp_us']:>8.1f} {row['jnp_tflops']:>8.1f} | {err:.3f}",
+                  f"{row['ours_pct']:>4.0f} | {row['jnp_us']:>8.1f} {row['jnp_tflops']:>8.1f} | {err:.3f} | "
+                  f"dev: {row['ours_dev_us']:>8.1f} {row['ours_dev_pct']:>4.0f}",
                   flush=True)
     best = []
     if sweep:
@@ -198,13 +222,14 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"device": kind, "prefill": prefill}, f, indent=1)
         return
-    ceiling = read_ceiling()
-    print(f"device: {kind}; HBM read ceiling (best of sum/max over 4 GiB bf16): {ceiling:.2f} TB/s")
+    ceiling, ceiling_dev = read_ceiling()
+    print(f"device: {kind}; HBM read ceiling (best of sum/max over 4 GiB bf16): {ceiling:.2f} TB/s "
+          f"back to back, {ceiling_dev:.2f} TB/s by device time")
     rows = []
     batches = [1, 64] if args.quick else [1, 8, 64, 256]
     lengths = [2048] if args.quick else [512, 2048, 8192]
     print(f"{'heads':>11} {'B':>4} {'L':>5} | {'ours µs':>8} {'TB/s':>5} {'%':>4} | {'jax µs':>8} {'TB/s':>5} "
-          f"{'%':>4} | {'jnp µs':>8} {'TB/s':>5} | ours/jax")
+          f"{'%':>4} | {'jnp µs':>8} {'TB/s':>5} | ours/jax | dev: {'ours µs':>8} {'%':>4} {'jax µs':>8} {'%':>4}")
     for name, (n, k, h) in HEADS.items():
         for b in batches:
             for length in lengths:
@@ -227,6 +252,8 @@ def main() -> None:
                 except Exception as e:  # keep going: report what failed
                     print(f"  jax paged_attention failed: {type(e).__name__}: {str(e)[:120]}")
                     t_jax = float("nan")
+                d_ours = device_time(ours, q, kc, vc, tables, lens)
+                d_jax = device_time(jfn, q, kc_h, vc_h, tables, lens) if t_jax == t_jax else float("nan")
                 t_ref = float("nan")
                 if b * length <= 64 * 2048:
                     rfn = jax.jit(lambda q, kc, vc, t, l: paged_decode_reference(q, kc, vc, t, l, scale=h ** -0.5))
@@ -236,11 +263,15 @@ def main() -> None:
                        "ours_us": t_ours * 1e6, "ours_tbs": tbs(t_ours), "ours_pct": 100 * tbs(t_ours) / ceiling,
                        "jax_us": t_jax * 1e6, "jax_tbs": tbs(t_jax), "jax_pct": 100 * tbs(t_jax) / ceiling,
                        "ref_us": t_ref * 1e6, "ref_tbs": tbs(t_ref),
+                       "ours_dev_us": d_ours * 1e6, "ours_dev_pct": 100 * tbs(d_ours) / ceiling_dev,
+                       "jax_dev_us": d_jax * 1e6, "jax_dev_pct": 100 * tbs(d_jax) / ceiling_dev,
                        "params": {"splits": splits, "ppb": ppb, "warps": warps, "stages": stages}}
                 rows.append(row)
                 print(f"{name:>11} {b:>4} {length:>5} | {row['ours_us']:>8.1f} {row['ours_tbs']:>5.2f} "
                       f"{row['ours_pct']:>4.0f} | {row['jax_us']:>8.1f} {row['jax_tbs']:>5.2f} {row['jax_pct']:>4.0f} | "
-                      f"{row['ref_us']:>8.1f} {row['ref_tbs']:>5.2f} | {t_jax / t_ours:>5.2f}x  err {err:.3f}",
+                      f"{row['ref_us']:>8.1f} {row['ref_tbs']:>5.2f} | {t_jax / t_ours:>5.2f}x  err {err:.3f} | "
+                      f"dev: {row['ours_dev_us']:>8.1f} {row['ours_dev_pct']:>4.0f} {row['jax_dev_us']:>8.1f} "
+                      f"{row['jax_dev_pct']:>4.0f}",
                       flush=True)
                 del kc, vc, kc_h, vc_h
     sweep = []
@@ -259,7 +290,8 @@ def main() -> None:
             print(f"  {r['config']}: {r['us']:.1f} µs {r['tbs']:.2f} TB/s ({100 * r['tbs'] / ceiling:.0f}%)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": kind, "ceiling_tbs": ceiling, "rows": rows, "sweep": sweep,
+            json.dump({"device": kind, "ceiling_tbs": ceiling, "ceiling_dev_tbs": ceiling_dev,
+                       "rows": rows, "sweep": sweep,
                        "prefill": prefill}, f, indent=1)
 
 

@@ -129,7 +129,7 @@ def main() -> None:
     from pallas_kernels.tuning import decode_params
 
     n, k_heads, h = HEADS[args.heads]
-    ceiling = read_ceiling()
+    ceiling, _ = read_ceiling()
     kc, vc, kh, vh, tables, lens = make_caches(args.batch, args.len, k_heads, h)
     nbytes = bytes_read([args.len] * args.batch, k_heads, h, 2)
     print(f"{jax.devices()[0].device_kind}: read ceiling {ceiling:.2f} TB/s; {args.heads} heads, "

@@ -103,6 +103,28 @@ def test_fused_decode_kernel_matches_reference(n, k, b):
         assert np.all(np.asarray(got_o)[lens.index(0)] == 0)
 
 
+def test_decode_kernels_tiles_past_the_table_end():
+    """Three-page tables walked four pages at a time: the kernels clamp the missing pages to the
+    table's last entry and mask them (the tables are not padded), with one split (the kernel's
+    own masked row stores into [S, N, H]) and two (partials merged in jnp)."""
+    rng = np.random.default_rng(3)
+    b = 16
+    lens = [2 * b + 3, 5, 0, 3 * b]
+    q, kc, vc, tables, seq_lens = _case(rng, len(lens), 28, 4, 64, b, lens)
+    assert tables.shape[1] == 3
+    want = paged_decode_reference(q, kc, vc, tables, seq_lens, scale=0.125)
+    args = _fused_case(rng, 28, 4, 64, b, lens)
+    want_o, want_k, _ = paged_decode_fused_reference(*args, scale=0.125)
+    for splits in (1, 2):
+        got = paged_decode_attention(q, kc, vc, tables, seq_lens, scale=0.125, splits=splits,
+                                     pages_per_block=4, interpret=not ON_GPU)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL, atol=TOL)
+        got_o, got_k, _ = paged_decode_fused(*args, scale=0.125, splits=splits, pages_per_block=4,
+                                             interpret=not ON_GPU)
+        np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), rtol=TOL, atol=TOL)
+        np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
+
+
 def test_fused_decode_kernel_window_softcap_bf16():
     rng = np.random.default_rng(11)
     lens = [40, 9, 17, 0]
