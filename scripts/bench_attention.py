@@ -4,7 +4,9 @@ decode: measures the HBM read ceiling first, then per shape the µs, achieved TB
 ceiling of our Pallas decode kernel, JAX's own `jax.experimental.pallas.ops.gpu.paged_attention`,
 and the jnp reference.
 prefill (`--prefill`): measures bf16 matmul throughput first (8192^3), then per ragged step the µs,
-TFLOP/s and % of that of our ragged prefill kernel and of the engine's jnp blockwise attention.
+TFLOP/s and % of that of our ragged prefill kernel and of the engine's jnp blockwise attention;
+`--prefill-anchors` adds JAX's own unpaged flash kernels (Triton and Mosaic GPU) on the 2048-token
+chunk.
 Each attention figure is per call in a chain of calls inside one executable (each output the next
 call's query), the way the model's layers run; separately dispatched calls would add a gap of
 several µs per call that the engine pays once per step. The "dev" columns are the device time of
@@ -12,7 +14,8 @@ one call's kernels as CUPTI records them (`jax.experimental.mosaic.gpu.profiler.
 kernel the call launches, the wrapper's XLA ops included, without the launch gaps between them),
 median of 20 calls; the read ceiling is then measured the same way.
 
-    python scripts/bench_attention.py [--quick] [--sweep] [--prefill] [--prefill-only] [--json out.json]
+    python scripts/bench_attention.py [--quick] [--sweep] [--prefill] [--prefill-only]
+                                      [--prefill-anchors] [--json out.json]
 """
 
 from __future__ import annotations
@@ -191,6 +194,54 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
     return {"matmul_tflops": tflops, "rows": rows, "sweep": best}
 
 
+def bench_prefill_anchors(tflops: float) -> list[dict]:
+    """JAX's own flash-attention kernels on one 2048-token causal chunk with Qwen2.5-7B heads and
+    contiguous (unpaged) K/V, per call chained: `ops.gpu.attention` (Triton lowering; kv heads
+    repeated to the query heads) and `ops.gpu.attention_mgpu` (Mosaic GPU: TMA, wgmma,
+    warp-specialised; fp16, as its shared-memory scratch is fp16-only). A few tilings each, best
+    first; what a non-paged kernel reaches on the shape of our prefill target."""
+    from jax.experimental.pallas.ops.gpu import attention as triton_attention
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    n, k, h = HEADS["qwen2.5-7b"]
+    length = 2048
+    q, *_, lens, qsl = make_ragged([(0, length)], n, k, h)
+    flops = prefill_flops(qsl, lens, n, h)
+    q = q[None]                                                        # [1, T, N, H]
+    kk = jax.random.normal(jax.random.key(5), (1, length, k, h), jnp.bfloat16)
+    vv = jax.random.normal(jax.random.key(6), (1, length, k, h), jnp.bfloat16)
+    ke, ve = jnp.repeat(kk, n // k, axis=2), jnp.repeat(vv, n // k, axis=2)
+    rows = []
+
+    def run(label, fn, *args):
+        try:
+            t = timeit_chained(fn, *args)
+        except Exception as e:  # keep going: report what failed
+            print(f"  {label} failed: {type(e).__name__}: {str(e)[:120]}")
+            return
+        rows.append({"kernel": label, "us": t * 1e6, "tflops": flops / t / 1e12,
+                     "pct": 100 * flops / t / 1e12 / tflops})
+
+    for bq, bk, warps, stages in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)):
+        sizes = triton_attention.BlockSizes(block_q=bq, block_k=bk)
+        run(f"ops.gpu.attention (Triton) block_q={bq} block_k={bk} warps={warps} stages={stages}",
+            lambda q, ke, ve, sizes=sizes, warps=warps, stages=stages: triton_attention.mha(
+                q, ke, ve, None, sm_scale=h ** -0.5, causal=True, block_sizes=sizes,
+                num_warps=warps, num_stages=stages), q, ke, ve)
+    q16, k16, v16 = (x.astype(jnp.float16) for x in (q, kk, vv))
+    for bkv, steps in ((64, 2), (128, 2)):
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=bkv, max_concurrent_steps=steps,
+                                             causal=True)
+        run(f"ops.gpu.attention_mgpu (Mosaic GPU, fp16) block_q=64 block_kv={bkv} steps={steps}",
+            lambda q, kk, vv, config=config: attention_mgpu.attention(q, kk, vv, config),
+            q16, k16, v16)
+    rows.sort(key=lambda r: r["us"])
+    print("JAX's flash kernels, contiguous K/V, qwen heads, 1 x 2048 causal, best first:")
+    for r in rows:
+        print(f"  {r['kernel']}: {r['us']:.1f} µs {r['tflops']:.1f} TFLOP/s ({r['pct']:.0f}%)")
+    return rows
+
+
 def make_case(batch, length, n, k, h, page=16, seed=0):
     rng = np.random.default_rng(seed)
     m = length // page
@@ -209,6 +260,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="tune splits/pages_per_block/warps on B=64 L=2048")
     ap.add_argument("--prefill", action="store_true", help="also the ragged prefill kernel")
     ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--prefill-anchors", action="store_true",
+                    help="with --prefill: also JAX's own (unpaged) flash kernels on the 2048-token chunk")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa
@@ -217,6 +270,8 @@ def main() -> None:
     prefill = None
     if args.prefill or args.prefill_only:
         prefill = bench_prefill(kind, args.sweep)
+        if args.prefill_anchors:
+            prefill["anchors"] = bench_prefill_anchors(prefill["matmul_tflops"])
     if args.prefill_only:
         if args.json:
             with open(args.json, "w") as f:
