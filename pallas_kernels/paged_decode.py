@@ -51,7 +51,7 @@ def _decode_kernel(
     soft_cap: float | None,
     page_size: int,
     group: int,                   # G query heads per kv head
-    tile_rows: int,               # Gp: the query tile (a power of two >= 16 and >= R)
+    q_tile: int,                  # Gp: the query tile's rows (a power of two >= 16, >= R)
     fused: bool,                  # rows G and G + 1 are the new key and value
     splits: int,                  # the grid's split count (one split: no m / l outputs)
 ):
@@ -61,7 +61,7 @@ def _decode_kernel(
     j = pl.program_id(1)
     split = pl.program_id(2)
     k_heads = pl.num_programs(1)
-    gp, h = tile_rows, k_ref.shape[1]
+    gp, h = q_tile, k_ref.shape[1]
     n_rows = group + 2 if fused else group
     b = page_size
     block = pages_per_block * b
@@ -142,7 +142,7 @@ def _decode_call(rows, k_cache, v_cache, tables, lens, *, group, fused, splits, 
     kernel = functools.partial(_decode_kernel, pages_per_block=pages_per_block,
                                pages_per_split=pages_per_split, scale=scale,
                                sliding_window=sliding_window, soft_cap=soft_cap, page_size=b,
-                               group=group, tile_rows=gp, fused=fused, splits=splits)
+                               group=group, q_tile=gp, fused=fused, splits=splits)
     # token-slot rows: [P, B, K, H] -> [P*B, K, H] is a bitcast (the in-place update survives it),
     # as is [S, K, R, H] -> [S*K*R, H]
     k_rows = k_cache.reshape(p * b, k_heads, h)

@@ -109,7 +109,7 @@ class KVCacheManager:
             blocks.extend(fresh)
             ids.extend(b.block_id for b in fresh)
         if self.enable_caching:
-            full = min(total, num_known) // self.block_size
+            full = self._full_blocks(total, num_known)
             start = self._num_cached.get(req_id, 0)
             if full > start:
                 hashes = self._hashes_for(req_id, token_ids, full)
@@ -126,7 +126,11 @@ class KVCacheManager:
         if blocks is None or total > len(blocks) * self.block_size:
             return False
         return (not self.enable_caching
-                or min(total, num_known) // self.block_size <= self._num_cached.get(req_id, 0))
+                or self._full_blocks(total, num_known) <= self._num_cached.get(req_id, 0))
+
+    def _full_blocks(self, total: int, num_known: int) -> int:
+        """Blocks full of known tokens once `total` tokens are allocated: the ones to be cached."""
+        return min(total, num_known) // self.block_size
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += num_prompt_tokens
