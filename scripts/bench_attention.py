@@ -4,7 +4,8 @@ decode: measures the HBM read ceiling first, then per shape the µs, achieved TB
 ceiling of our Pallas decode kernel, JAX's own `jax.experimental.pallas.ops.gpu.paged_attention`,
 and the jnp reference.
 prefill (`--prefill`): measures bf16 matmul throughput first (8192^3), then per ragged step the µs,
-TFLOP/s and % of that of our ragged prefill kernel and of the engine's jnp blockwise attention;
+TFLOP/s and % of that of our ragged prefill kernels (the Triton-lowered one, "ours", and on
+Hopper the Mosaic GPU one, "mgpu") and of the engine's jnp blockwise attention;
 `--prefill-anchors` adds JAX's own unpaged flash kernels (Triton and Mosaic GPU) on the 2048-token
 chunk.
 Each attention figure is per call in a chain of calls inside one executable (each output the next
@@ -32,6 +33,8 @@ import numpy as np
 
 from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_prefill import paged_prefill_attention, prefill_flops
+from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
+from pallas_kernels.paged_prefill_mgpu import supported as mgpu_supported
 from pallas_kernels.tuning import decode_params, prefill_params
 
 HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
@@ -96,6 +99,12 @@ def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
     return sorted(rows, key=lambda r: r["us"])
 
 
+def mgpu_runs() -> bool:
+    """The Mosaic GPU prefill kernel runs on compute capability 9.x GPUs only."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def read_ceiling() -> tuple[float, float]:
     """HBM read TB/s: best of three XLA reductions over 4 GiB of bf16, timed back to back and by
     CUPTI device time."""
@@ -140,8 +149,9 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
     cases = {"1 x 512 new": [(0, 512)], "1 x 2048 new": [(0, 2048)],
              "4 x 512 new after 1536 cached": [(1536, 512)] * 4}
     rows = []
+    print("ours = the Triton-lowered kernel; mgpu = the Mosaic GPU kernel (Hopper); % of the matmul")
     print(f"{'heads':>11} {'step':>30} | {'ours µs':>8} {'TFLOP/s':>8} {'%':>4} | {'jnp µs':>8} {'TFLOP/s':>8} | err"
-          f"   | dev: {'ours µs':>8} {'%':>4}")
+          f"   | dev: {'ours µs':>8} {'%':>4} | {'mgpu µs':>8} {'%':>4} | err   | dev: {'mgpu µs':>8} {'%':>4}")
     for name, (n, k, h) in HEADS.items():
         for label, seqs in cases.items():
             q, kc, vc, tables, lens, qsl = make_ragged(seqs, n, k, h)
@@ -155,6 +165,12 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
                 num_warps=warps, num_stages=stages))
             t_ours = timeit_chained(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             d_ours = device_time(ours, q, kc, vc, d_tables, d_lens, d_qsl)
+            t_mg = d_mg = float("nan")
+            if mgpu_supported(q.dtype, n, k, h, 16) and mgpu_runs():
+                mg = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention_mgpu(
+                    q, kc, vc, t, l, s, scale=h ** -0.5))
+                t_mg = timeit_chained(mg, q, kc, vc, d_tables, d_lens, d_qsl)
+                d_mg = device_time(mg, q, kc, vc, d_tables, d_lens, d_qsl)
             meta, pos = build_metadata([(tables[i].tolist(), c, x) for i, (c, x) in enumerate(seqs)],
                                        block_size=16, num_tokens=q.shape[0], num_seqs=len(seqs),
                                        max_blocks_per_seq=tables.shape[1])
@@ -162,18 +178,28 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
             spec = AttentionSpec(scale=h ** -0.5)
             ref = jax.jit(lambda q, kc, vc, meta, pos: paged_attention_blockwise(q, kc, vc, meta, pos, spec))
             t_ref = timeit_chained(ref, q, kc, vc, meta, pos, chain=2, iters=2, rounds=3)
+            want = ref(q, kc, vc, meta, pos).astype(jnp.float32)
             err = float(jnp.max(jnp.abs(ours(q, kc, vc, d_tables, d_lens, d_qsl).astype(jnp.float32)
-                                        - ref(q, kc, vc, meta, pos).astype(jnp.float32))))
+                                        - want)))
+            err_mg = float("nan")
+            if t_mg == t_mg:
+                err_mg = float(jnp.max(jnp.abs(mg(q, kc, vc, d_tables, d_lens, d_qsl)
+                                               .astype(jnp.float32) - want)))
             tf = lambda t: flops / t / 1e12
             row = {"heads": name, "step": label, "flops": flops, "ours_us": t_ours * 1e6,
                    "ours_tflops": tf(t_ours), "ours_pct": 100 * tf(t_ours) / tflops,
                    "jnp_us": t_ref * 1e6, "jnp_tflops": tf(t_ref), "max_abs_err": err,
                    "ours_dev_us": d_ours * 1e6, "ours_dev_pct": 100 * tf(d_ours) / tflops,
-                   "params": {"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages}}
+                   "params": {"block_q": bq, "ppb": ppb, "warps": warps, "stages": stages},
+                   "mgpu_us": t_mg * 1e6, "mgpu_pct": 100 * tf(t_mg) / tflops,
+                   "mgpu_dev_us": d_mg * 1e6, "mgpu_dev_pct": 100 * tf(d_mg) / tflops,
+                   "mgpu_max_abs_err": err_mg}
             rows.append(row)
             print(f"{name:>11} {label:>30} | {row['ours_us']:>8.1f} {row['ours_tflops']:>8.1f} "
                   f"{row['ours_pct']:>4.0f} | {row['jnp_us']:>8.1f} {row['jnp_tflops']:>8.1f} | {err:.3f} | "
-                  f"dev: {row['ours_dev_us']:>8.1f} {row['ours_dev_pct']:>4.0f}",
+                  f"dev: {row['ours_dev_us']:>8.1f} {row['ours_dev_pct']:>4.0f} | "
+                  f"{row['mgpu_us']:>8.1f} {row['mgpu_pct']:>4.0f} | {err_mg:.3f} | "
+                  f"dev: {row['mgpu_dev_us']:>8.1f} {row['mgpu_dev_pct']:>4.0f}",
                   flush=True)
     best = []
     if sweep:
@@ -185,10 +211,18 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
         best = sweep_grid(grid, lambda c: lambda q, kc, vc, t, l, s: paged_prefill_attention(
             q, kc, vc, t, l, s, scale=h ** -0.5, block_q=c["block_q"], pages_per_block=c["ppb"],
             num_warps=c["warps"], num_stages=c["stages"]), (q, kc, vc, tables, lens, qsl))
+        if mgpu_runs():
+            grid = {"pingpong": (True, False), "stages_bkv": ((2, 128), (3, 64), (4, 64))}
+            best += [dict(r, kernel="mgpu") for r in sweep_grid(
+                grid, lambda c: lambda q, kc, vc, t, l, s: paged_prefill_attention_mgpu(
+                    q, kc, vc, t, l, s, scale=h ** -0.5, pingpong=c["pingpong"],
+                    stages=c["stages_bkv"][0], block_kv=c["stages_bkv"][1]),
+                (q, kc, vc, tables, lens, qsl))]
+            best.sort(key=lambda r: r["us"])
         for r in best:
             r["tflops"] = flops / r["us"] / 1e6
         print("prefill sweep (qwen heads, 1 x 2048 new), best first:")
-        for r in best[:6]:
+        for r in best[:8]:
             print(f"  {r['config']}: {r['us']:.1f} µs {r['tflops']:.1f} TFLOP/s "
                   f"({100 * r['tflops'] / tflops:.0f}%)")
     return {"matmul_tflops": tflops, "rows": rows, "sweep": best}

@@ -14,14 +14,14 @@ TINY_HF = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_siz
            "rms_norm_eps": 1e-5, "eos_token_id": 1, "bos_token_id": 0}
 
 
-def tiny_loaded(seed: int = 0, **overrides) -> LoadedModel:
+def tiny_loaded(seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     hf = dict(TINY_HF, **overrides)
     cfg = ModelConfig.from_hf_config(hf)
-    model = create_model(cfg, dtype=jnp.float32, seed=seed)
+    model = create_model(cfg, dtype=dtype, seed=seed)
     graphdef, state = nnx.split(model)
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     new = [jax.random.normal(k, x.shape, x.dtype) * 0.15 + (1.0 if x.ndim == 1 else 0.0)
            for k, x in zip(keys, leaves)]
     model = nnx.merge(graphdef, jax.tree.unflatten(tree, new))
-    return LoadedModel(model, cfg, hf, None, "tiny-random-llama", jnp.float32)
+    return LoadedModel(model, cfg, hf, None, "tiny-random-llama", dtype)

@@ -67,8 +67,9 @@ class GatherBackend:
 class PallasBackend:
     """The Pallas GPU kernels. The runner compiles two variants of every step: a decode variant
     (`decode_only=True`, used when every sequence feeds exactly one token) that calls the paged
-    decode kernel (split-K over pages), and the general variant that calls the ragged paged
-    prefill kernel for steps with prefill chunks (decodes mixed in). Choosing on the host keeps
+    decode kernel (split-K over pages), and the general variant that calls a ragged paged
+    prefill kernel for steps with prefill chunks (decodes mixed in): the Mosaic GPU one (TMA +
+    wgmma) on Hopper where it applies, the Triton-lowered one otherwise. Choosing on the host keeps
     data-dependent control flow out of the compiled step. Decode steps write K/V inside the decode
     kernel (`attend_qkv`); steps with prefill use a donated scatter. On CPU the kernel runs in Pallas
     interpret mode (slow; for tests). Under tensor parallelism the runner calls the backend per
@@ -79,11 +80,25 @@ class PallasBackend:
     def __init__(self, interpret: bool | None = None, decode_only: bool = False):
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.decode_only = decode_only
-        self.device_kind = jax.devices()[0].device_kind
+        device = jax.devices()[0]
+        self.device_kind = device.device_kind
+        self.hopper = (device.platform == "gpu"
+                       and str(getattr(device, "compute_capability", "")).startswith("9"))
         if decode_only and _fused_decode_enabled():
             # the decode variant takes the fused rows and writes K/V inside the kernel; the
             # general variant (prefill chunks) keeps the XLA scatter before the prefill kernel
             self.attend_qkv = self._attend_qkv_decode
+
+    def _use_mgpu_prefill(self, q, k_cache, spec) -> bool:
+        """Steps with prefill chunks run the Mosaic GPU kernel (TMA + wgmma) on Hopper GPUs for
+        the configurations it covers (bf16/fp16, head_dim 64/128, no window or soft-cap), the
+        Triton-lowered kernel otherwise (JAXSERVE_PREFILL_KERNEL=triton forces it)."""
+        if self.interpret or not self.hopper or _prefill_kernel_choice() == "triton":
+            return False
+        from pallas_kernels.paged_prefill_mgpu import supported
+
+        return supported(q.dtype, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+                         sliding_window=spec.sliding_window, soft_cap=spec.soft_cap)
 
     def decode_variant(self) -> "PallasBackend":
         return PallasBackend(self.interpret, decode_only=True)
@@ -106,6 +121,13 @@ class PallasBackend:
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
         if not self.decode_only:
+            if self._use_mgpu_prefill(q, k_cache, spec):
+                from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
+
+                out = paged_prefill_attention_mgpu(
+                    q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                    scale=spec.scale)
+                return out, (k_cache, v_cache)
             from pallas_kernels.paged_prefill import paged_prefill_attention
             from pallas_kernels.tuning import prefill_params
 
@@ -129,6 +151,15 @@ class PallasBackend:
                                      sliding_window=spec.sliding_window, soft_cap=spec.soft_cap,
                                      num_warps=warps, num_stages=stages, interpret=self.interpret)
         return out, (k_cache, v_cache)
+
+
+def _prefill_kernel_choice() -> str:
+    """JAXSERVE_PREFILL_KERNEL=triton keeps steps with prefill chunks on the Triton-lowered kernel
+    on Hopper too (comparisons); unset or `mosaic`: the Mosaic GPU kernel where it applies."""
+    choice = os.environ.get("JAXSERVE_PREFILL_KERNEL", "mosaic").lower()
+    if choice not in ("mosaic", "triton"):
+        raise ValueError(f"JAXSERVE_PREFILL_KERNEL must be 'mosaic' or 'triton', got {choice!r}")
+    return choice
 
 
 def _fused_decode_enabled() -> bool:
