@@ -33,9 +33,10 @@ def peer_figure(plt, peer: dict, name: str) -> None:
     fig.savefig(os.path.join(IMG, name), dpi=110)
 
 
-def attention_figure(plt, att: dict, name: str) -> None:
+def attention_figure(plt, att: dict, name: str, prefill: dict | None = None) -> None:
     """Decode: % of the read ceiling, ours vs JAX's kernel (per call in a chain, and by device
-    time where recorded); prefill: % of bf16 matmul."""
+    time where recorded); prefill (`prefill`, else the decode run's): % of bf16 matmul, the
+    Triton-lowered kernel and, where measured, the Mosaic GPU one."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     rows = [r for r in att["rows"] if r["batch"] > 1]
     labels = [f"{r['heads']}\nB={r['batch']} L={r['len']}" for r in rows]
@@ -57,12 +58,24 @@ def attention_figure(plt, att: dict, name: str) -> None:
     axes[0].set_title("paged decode attention")
     axes[0].set_ylim(0, 120)
     axes[0].legend(fontsize=7, ncol=2, loc="upper center")
-    pre = att["prefill"]["rows"]
-    axes[1].bar(range(len(pre)), [r["ours_pct"] for r in pre], color="#1f77b4")
+    prefill = prefill or att["prefill"]
+    pre = prefill["rows"]
+    bars = [("ours_pct", "Triton-lowered, per call", "#1f77b4")]
+    if "mgpu_pct" in pre[0]:
+        bars += [("ours_dev_pct", "Triton-lowered, device time", "#0b3d91"),
+                 ("mgpu_pct", "Mosaic GPU, per call", "#2ca02c"),
+                 ("mgpu_dev_pct", "Mosaic GPU, device time", "#145214")]
+    w = 0.8 / len(bars)
+    for j, (key, label, color) in enumerate(bars):
+        axes[1].bar([i - 0.4 + w * (j + 0.5) for i in range(len(pre))], [r[key] for r in pre], w,
+                    label=label, color=color)
     axes[1].axhline(50, color="k", ls="--", lw=1)
     axes[1].set_xticks(range(len(pre)), [f"{r['heads']}\n{r['step']}" for r in pre], fontsize=7,
                        rotation=15, ha="right")
-    axes[1].set_ylabel(f"% of bf16 matmul ({att['prefill']['matmul_tflops']:.0f} TFLOP/s)")
+    axes[1].set_ylabel(f"% of bf16 matmul ({prefill['matmul_tflops']:.0f} TFLOP/s)")
+    if len(bars) > 1:
+        axes[1].set_ylim(0, 75)
+        axes[1].legend(fontsize=7, ncol=2, loc="upper left")
     axes[1].set_title("ragged paged prefill attention")
     fig.suptitle(f"Pallas kernels, bf16, page 16 ({att['device']}; dashed: targets)")
     fig.tight_layout()
@@ -79,7 +92,8 @@ def main() -> None:
     for card in ("h100", "h200"):
         peer_figure(plt, load(f"peer_{card}_qwen2.5-7b.json"), f"peer_{card}.png")
 
-    attention_figure(plt, load("attention_h200.json"), "attention_h200.png")
+    attention_figure(plt, load("attention_h200.json"), "attention_h200.png",
+                     load("prefill_mgpu_h200.json")["bench_attention"]["prefill"])
 
     prog = load("engine_progress_h200.json")
     labels = [s["label"] for s in prog["steps"]]
