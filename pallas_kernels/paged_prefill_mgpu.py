@@ -10,7 +10,7 @@ the way Hopper wants to be fed:
   reshape), so one TMA copy per token lands a token's G rows in shared memory and a compute
   warpgroup owns 64 // G tokens = their rows of one wgmma M-tile (G = 7: 9 tokens, 63 rows). No
   transpose of q or of the output runs around the kernel; each output token is one TMA store.
-- A program (grid: kv head x work item) has three warpgroups: two compute warpgroups (one row tile
+- A program (grid: work item x kv head) has three warpgroups: two compute warpgroups (one row tile
   each, so a work item is 2 * (64 // G) tokens of one sequence) and one memory warpgroup that walks
   the sequence's block table and copies K and V a page at a time (one TMA copy per page per
   tensor) into `stages` slots of `block_kv` keys, 128-byte swizzled for wgmma. K/V are read once
@@ -264,8 +264,11 @@ def _call(work, q4, k_cache, v_cache, tables, lens, qsl, *, block_kv, stages, sc
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q4.shape, dtype),
-        grid=(k_heads, work.shape[0]),
-        grid_names=("kv", "item"),
+        # Pallas launches the last grid axis fastest: every kv head of the heaviest work item
+        # first, then the next item's (kv-major order would launch each head's items heaviest
+        # first in turn, a sawtooth of K teeth)
+        grid=(work.shape[0], k_heads),
+        grid_names=("item", "kv"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
