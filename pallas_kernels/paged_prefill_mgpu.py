@@ -27,9 +27,11 @@ the way Hopper wants to be fed:
   no zero-filled output buffer is needed.
 
 Layers: `_kernel` (body) -> `_call` (plgpu.kernel) -> `paged_prefill_attention_mgpu` (jitted,
-static tuning knobs) -> the reference is `paged_prefill.paged_prefill_reference`. Runs on GPUs of
-compute capability 9.x only (no interpret mode: Mosaic GPU's interpreter does not run
-warp-specialised kernels); `supported` says which configurations it covers.
+static tuning knobs; measured values in `tuning.MGPU_PREFILL_TABLE`) ->
+`paged_prefill_mgpu_reference` (pure jnp: the same operation as the Triton kernel's, so it is that
+kernel's reference). Runs on GPUs of compute capability 9.x only (no interpret mode: Mosaic GPU's
+interpreter does not run kernels with several warpgroups); `supported` says which configurations
+it covers.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.paged_prefill import work_items
+from pallas_kernels.paged_prefill import paged_prefill_reference, work_items
+
+paged_prefill_mgpu_reference = paged_prefill_reference   # same operation, same jnp reference
 
 ROWS = 64          # query rows per compute warpgroup: one wgmma M tile
 _LOG2E = math.log2(math.e)
@@ -313,4 +317,4 @@ def paged_prefill_attention_mgpu(
     return out.reshape(t, n, h)
 
 
-__all__ = ["paged_prefill_attention_mgpu", "smem_bytes", "supported"]
+__all__ = ["paged_prefill_attention_mgpu", "paged_prefill_mgpu_reference", "smem_bytes", "supported"]

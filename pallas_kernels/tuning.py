@@ -76,3 +76,28 @@ def prefill_params(device_kind: str, group: int, head_dim: int,
     block_q = max(1, 128 // gp)
     ppb = max(1, 64 // page_size)
     return block_q, ppb, 4, 2
+
+
+# (device_kind substring, q_heads per kv head, head_dim, page_size)
+#     -> (block_kv, stages, pingpong) of the Mosaic GPU prefill kernel (paged_prefill_mgpu)
+MGPU_PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, bool]] = {
+    # NVIDIA H200, 2026-11-27, one 2048-token chunk, bf16 (docs/benchmarks.md, "Ragged paged
+    # prefill in Mosaic GPU"): ping-pong with 2 stages of 128 keys beat 4 x 64 (Qwen heads) and
+    # 3 x 64 (Llama heads), and ping-pong off, by device time and per call; 3 x 128 does not fit
+    # in shared memory at head_dim 128
+    ("H200", 7, 128, 16): (128, 2, True),
+    ("H200", 4, 128, 16): (128, 2, True),
+    # H100: same SM; taken from the H200 measurements until measured on an H100
+    ("H100", 7, 128, 16): (128, 2, True),
+    ("H100", 4, 128, 16): (128, 2, True),
+}
+
+
+def mgpu_prefill_params(device_kind: str, group: int, head_dim: int,
+                        page_size: int) -> tuple[int, int, bool]:
+    """Launch parameters of the Mosaic GPU prefill kernel. Untuned default: the measured best
+    shape (2 stages of 128 keys, ping-pong); page sizes above 128 take tiles of one page."""
+    for (card, g, h, b), val in MGPU_PREFILL_TABLE.items():
+        if card in device_kind and (g, h, b) == (group, head_dim, page_size):
+            return val
+    return max(128, page_size), 2, True

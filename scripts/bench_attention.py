@@ -35,7 +35,7 @@ from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, page
 from pallas_kernels.paged_prefill import paged_prefill_attention, prefill_flops
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 from pallas_kernels.paged_prefill_mgpu import supported as mgpu_supported
-from pallas_kernels.tuning import decode_params, prefill_params
+from pallas_kernels.tuning import decode_params, mgpu_prefill_params, prefill_params
 
 HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
 
@@ -166,9 +166,10 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
             t_ours = timeit_chained(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             d_ours = device_time(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             t_mg = d_mg = float("nan")
-            if mgpu_supported(q.dtype, n, k, h, 16) and mgpu_runs():
+            bkv, mst, mpp = mgpu_prefill_params(kind, n // k, h, 16)
+            if mgpu_supported(q.dtype, n, k, h, 16, bkv, mst) and mgpu_runs():
                 mg = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention_mgpu(
-                    q, kc, vc, t, l, s, scale=h ** -0.5))
+                    q, kc, vc, t, l, s, scale=h ** -0.5, block_kv=bkv, stages=mst, pingpong=mpp))
                 t_mg = timeit_chained(mg, q, kc, vc, d_tables, d_lens, d_qsl)
                 d_mg = device_time(mg, q, kc, vc, d_tables, d_lens, d_qsl)
             meta, pos = build_metadata([(tables[i].tolist(), c, x) for i, (c, x) in enumerate(seqs)],

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_prefill import paged_prefill_reference
-from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu, supported
+from pallas_kernels.paged_prefill_mgpu import (paged_prefill_attention_mgpu,
+                                               paged_prefill_mgpu_reference as paged_prefill_reference,
+                                               supported)
 from tests.test_pallas_prefill import MIXED, _case
 
 
@@ -103,6 +104,12 @@ def test_mgpu_supported_configurations():
     # 3 stages of 128 keys at head_dim 128: 256 KiB of tiles (the GPU reported 264,312
     # bytes with barriers and alignment; a block may use 227 KiB)
     assert not supported(jnp.bfloat16, 28, 4, 128, 16, block_kv=128, stages=3)
+    # every tuned or default launch shape fits
+    from pallas_kernels.tuning import MGPU_PREFILL_TABLE, mgpu_prefill_params
+    for (card, g, h, b) in MGPU_PREFILL_TABLE:
+        block_kv, stages, _ = mgpu_prefill_params(card, g, h, b)
+        assert supported(jnp.bfloat16, 4 * g, 4, h, b, block_kv=block_kv, stages=stages)
+    assert mgpu_prefill_params("NVIDIA H100 80GB HBM3", 2, 64, 256)[0] == 256
 
 
 @pytest.mark.parametrize("n,k,h,b", [(28, 4, 128, 16), (8, 1, 64, 128), (4, 4, 128, 32)])

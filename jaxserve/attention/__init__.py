@@ -89,16 +89,21 @@ class PallasBackend:
             # general variant (prefill chunks) keeps the XLA scatter before the prefill kernel
             self.attend_qkv = self._attend_qkv_decode
 
-    def _use_mgpu_prefill(self, q, k_cache, spec) -> bool:
-        """Steps with prefill chunks run the Mosaic GPU kernel (TMA + wgmma) on Hopper GPUs for
-        the configurations it covers (bf16/fp16, head_dim 64/128, no window or soft-cap), the
-        Triton-lowered kernel otherwise (JAXSERVE_PREFILL_KERNEL=triton forces it)."""
+    def _mgpu_prefill_params(self, q, k_cache, spec) -> tuple[int, int, bool] | None:
+        """(block_kv, stages, pingpong) when steps with prefill chunks run the Mosaic GPU kernel
+        (TMA + wgmma): Hopper GPUs, for the configurations it covers (bf16/fp16, head_dim 64/128,
+        no window or soft-cap); None: the Triton-lowered kernel (JAXSERVE_PREFILL_KERNEL=triton
+        forces it)."""
         if self.interpret or not self.hopper or _prefill_kernel_choice() == "triton":
-            return False
+            return None
         from pallas_kernels.paged_prefill_mgpu import supported
+        from pallas_kernels.tuning import mgpu_prefill_params
 
-        return supported(q.dtype, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
-                         sliding_window=spec.sliding_window, soft_cap=spec.soft_cap)
+        n, k_heads, h, b = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
+        params = mgpu_prefill_params(self.device_kind, n // k_heads, h, b)
+        ok = supported(q.dtype, n, k_heads, h, b, block_kv=params[0], stages=params[1],
+                       sliding_window=spec.sliding_window, soft_cap=spec.soft_cap)
+        return params if ok else None
 
     def decode_variant(self) -> "PallasBackend":
         return PallasBackend(self.interpret, decode_only=True)
@@ -121,12 +126,14 @@ class PallasBackend:
     def __call__(self, q, k, v, cache, meta, positions, spec):
         k_cache, v_cache = write_kv_reference(cache[0], cache[1], k, v, meta.slot_mapping)
         if not self.decode_only:
-            if self._use_mgpu_prefill(q, k_cache, spec):
+            mgpu = self._mgpu_prefill_params(q, k_cache, spec)
+            if mgpu is not None:
                 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 
+                block_kv, stages, pingpong = mgpu
                 out = paged_prefill_attention_mgpu(
                     q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                    scale=spec.scale)
+                    scale=spec.scale, block_kv=block_kv, stages=stages, pingpong=pingpong)
                 return out, (k_cache, v_cache)
             from pallas_kernels.paged_prefill import paged_prefill_attention
             from pallas_kernels.tuning import prefill_params
