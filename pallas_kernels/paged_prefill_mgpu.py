@@ -62,6 +62,14 @@ def smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> 
     return itemsize * head_dim * (4 * ROWS + 2 * stages * block_kv)
 
 
+def available(device=None) -> bool:
+    """Whether the kernel can run on `device` (default: JAX's first device): a GPU of compute
+    capability 9.x (Hopper)."""
+    device = jax.devices()[0] if device is None else device
+    return (device.platform == "gpu"
+            and str(getattr(device, "compute_capability", "")).startswith("9"))
+
+
 def supported(dtype, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
               block_kv: int = 128, stages: int = 2, sliding_window=None, soft_cap=None) -> bool:
     """Configurations this kernel covers; the others use the Triton-lowered kernel."""
@@ -166,7 +174,10 @@ def _kernel(work_ref, q_ref, k_ref, v_ref, tables_ref, lens_ref, qsl_ref, o_ref,
             if masked:
                 @pl.when((i + 1) * block_kv > seq_len)
                 def _zero_tail():
-                    # the sequence's last tile: V rows at or past its length may be garbage
+                    # the sequence's last tile: V rows at or past its length may be garbage.
+                    # Both compute warpgroups may pass here for the same slot; each writes back
+                    # the valid rows unchanged and zeros elsewhere, so whichever runs second
+                    # rewrites the values already there while the first one's wgmma reads them
                     valid = seq_len - i * block_kv
                     for part in range(block_kv // ROWS):
                         ref = v_smem.at[slot, pl.ds(part * ROWS, ROWS)]
@@ -317,4 +328,4 @@ def paged_prefill_attention_mgpu(
     return out.reshape(t, n, h)
 
 
-__all__ = ["paged_prefill_attention_mgpu", "paged_prefill_mgpu_reference", "smem_bytes", "supported"]
+__all__ = ["available", "paged_prefill_attention_mgpu", "paged_prefill_mgpu_reference", "smem_bytes", "supported"]

@@ -33,6 +33,7 @@ import numpy as np
 
 from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_prefill import paged_prefill_attention, prefill_flops
+from pallas_kernels.paged_prefill_mgpu import available as mgpu_runs
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 from pallas_kernels.paged_prefill_mgpu import supported as mgpu_supported
 from pallas_kernels.tuning import decode_params, mgpu_prefill_params, prefill_params
@@ -97,12 +98,6 @@ def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
             continue
         rows.append({**config, "config": label, "us": t * 1e6})
     return sorted(rows, key=lambda r: r["us"])
-
-
-def mgpu_runs() -> bool:
-    """The Mosaic GPU prefill kernel runs on compute capability 9.x GPUs only."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def read_ceiling() -> tuple[float, float]:

@@ -9,18 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_prefill_mgpu import (paged_prefill_attention_mgpu,
+from pallas_kernels.paged_prefill_mgpu import (available, paged_prefill_attention_mgpu,
                                                paged_prefill_mgpu_reference as paged_prefill_reference,
                                                supported)
 from tests.test_pallas_prefill import MIXED, _case
 
 
-def _hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-
-
-needs_hopper = pytest.mark.skipif(not _hopper(), reason="Mosaic GPU kernel: needs a compute "
+needs_hopper = pytest.mark.skipif(not available(), reason="Mosaic GPU kernel: needs a compute "
                                   "capability 9.x GPU (no interpret mode for it)")
 TOL = 3e-2   # bf16 inputs and outputs
 
@@ -34,7 +29,7 @@ def _check(args, scale, **kw):
 
 
 @needs_hopper
-@pytest.mark.parametrize("n,k", [(4, 4), (8, 2), (28, 4), (8, 1)])
+@pytest.mark.parametrize("n,k", [(4, 4), (8, 2), (28, 4), (8, 1), (9, 3)])   # (9, 3): SmolLM2
 @pytest.mark.parametrize("b", [16, 32])
 def test_mgpu_prefill_matches_reference(n, k, b):
     rng = np.random.default_rng(n * 100 + k * 10 + b)

@@ -80,10 +80,7 @@ class PallasBackend:
     def __init__(self, interpret: bool | None = None, decode_only: bool = False):
         self.interpret = (jax.default_backend() != "gpu") if interpret is None else interpret
         self.decode_only = decode_only
-        device = jax.devices()[0]
-        self.device_kind = device.device_kind
-        self.hopper = (device.platform == "gpu"
-                       and str(getattr(device, "compute_capability", "")).startswith("9"))
+        self.device_kind = jax.devices()[0].device_kind
         if decode_only and _fused_decode_enabled():
             # the decode variant takes the fused rows and writes K/V inside the kernel; the
             # general variant (prefill chunks) keeps the XLA scatter before the prefill kernel
@@ -94,10 +91,13 @@ class PallasBackend:
         (TMA + wgmma): Hopper GPUs, for the configurations it covers (bf16/fp16, head_dim 64/128,
         no window or soft-cap); None: the Triton-lowered kernel (JAXSERVE_PREFILL_KERNEL=triton
         forces it)."""
-        if self.interpret or not self.hopper or _prefill_kernel_choice() == "triton":
+        if self.interpret or _prefill_kernel_choice() == "triton":
             return None
-        from pallas_kernels.paged_prefill_mgpu import supported
+        from pallas_kernels.paged_prefill_mgpu import available, supported
         from pallas_kernels.tuning import mgpu_prefill_params
+
+        if not available():
+            return None
 
         n, k_heads, h, b = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
         params = mgpu_prefill_params(self.device_kind, n // k_heads, h, b)
