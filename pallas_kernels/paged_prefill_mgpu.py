@@ -306,6 +306,9 @@ def paged_prefill_attention_mgpu(
 ) -> jax.Array:                  # [T, N, H]; rows of tokens outside every sequence are 0
     t, n, h = q.shape
     _, b, k_heads, _ = k_cache.shape
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"paged_prefill_attention_mgpu needs q and the caches in one dtype, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if not supported(q.dtype, n, k_heads, h, b, block_kv, stages):
         raise ValueError(f"paged_prefill_attention_mgpu does not cover dtype={q.dtype}, "
                          f"heads={n}/{k_heads}, head_dim={h}, page_size={b}, block_kv={block_kv}, "

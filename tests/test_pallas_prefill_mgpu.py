@@ -107,6 +107,14 @@ def test_mgpu_supported_configurations():
     assert mgpu_prefill_params("NVIDIA H100 80GB HBM3", 2, 64, 256)[0] == 256
 
 
+def test_mgpu_prefill_refuses_mixed_dtypes():
+    q = jnp.zeros((4, 8, 64), jnp.bfloat16)
+    kc = jnp.zeros((3, 16, 2, 64), jnp.float16)
+    ints = jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), jnp.asarray([0, 1], jnp.int32)
+    with pytest.raises(ValueError, match="one dtype"):
+        paged_prefill_attention_mgpu(q, kc, kc, *ints, scale=0.125)
+
+
 @pytest.mark.parametrize("n,k,h,b", [(28, 4, 128, 16), (8, 1, 64, 128), (4, 4, 128, 32)])
 def test_mgpu_prefill_lowers_for_cuda(n, k, h, b):
     """On any machine: the kernel lowers to a Mosaic GPU module for CUDA (no GPU needed), so

@@ -91,7 +91,8 @@ class PallasBackend:
         (TMA + wgmma): Hopper GPUs, for the configurations it covers (bf16/fp16, head_dim 64/128,
         no window or soft-cap); None: the Triton-lowered kernel (JAXSERVE_PREFILL_KERNEL=triton
         forces it)."""
-        if self.interpret or _prefill_kernel_choice() == "triton":
+        if (self.interpret or _prefill_kernel_choice() == "triton"
+                or k_cache.dtype != q.dtype):
             return None
         from pallas_kernels.paged_prefill_mgpu import available, supported
         from pallas_kernels.tuning import mgpu_prefill_params
