@@ -107,7 +107,9 @@ def _kernel(work_ref, q_ref, k_ref, v_ref, tables_ref, lens_ref, qsl_ref, o_ref,
     ctx = seq_len - (qsl_ref[seq_c + 1] - first_tok)          # keys before the new tokens
     live = jnp.logical_and(count > 0, jnp.logical_not(is_pad))
     # K/V tiles the program needs: up to its last query's position
-    n_steps = jnp.where(live, (ctx + start - first_tok + count + block_kv - 1) // block_kv, 0)
+    # (clamped at 0 so that inconsistent lengths cannot unbalance the barriers and hang)
+    n_steps = jnp.where(live, jnp.maximum((ctx + start - first_tok + count + block_kv - 1)
+                                          // block_kv, 0), 0)
 
     def sched_sync():
         plgpu.barrier_arrive(sched)
@@ -122,7 +124,8 @@ def _kernel(work_ref, q_ref, k_ref, v_ref, tables_ref, lens_ref, qsl_ref, o_ref,
         cnt = jnp.clip(count - wg * tb, 0, tb)
         my_live = jnp.logical_and(live, cnt > 0)
         first_pos = ctx + t0 - first_tok
-        my_steps = jnp.where(my_live, (first_pos + cnt + block_kv - 1) // block_kv, 0)
+        my_steps = jnp.where(my_live, jnp.clip((first_pos + cnt + block_kv - 1) // block_kv, 0,
+                                               n_steps), 0)
         full_steps = jnp.clip(first_pos // block_kv, 0, my_steps)
 
         for j in range(tb):
