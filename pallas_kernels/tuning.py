@@ -26,12 +26,19 @@ TABLE: dict[tuple[str, int, int, int, int], tuple[int, int, int]] = {
 _SMS = {"H100": 132, "H200": 132}
 
 
+def _lookup(table: dict, device_kind: str, key: tuple, default):
+    """The entry of `table` (keyed by (card substring, *key)) whose card `device_kind` names and
+    whose other fields equal `key`; `default` where none does."""
+    for (card, *rest), val in table.items():
+        if card in device_kind and tuple(rest) == key:
+            return val
+    return default
+
+
 def decode_params(device_kind: str, num_seqs: int, q_heads: int, kv_heads: int, head_dim: int,
                   page_size: int, max_pages: int) -> tuple[int, int, int, int]:
-    ppb, warps, stages = 8, 4, 2
-    for (card, n, k, h, b), val in TABLE.items():
-        if card in device_kind and (n, k, h, b) == (q_heads, kv_heads, head_dim, page_size):
-            ppb, warps, stages = val
+    ppb, warps, stages = _lookup(TABLE, device_kind, (q_heads, kv_heads, head_dim, page_size),
+                                 (8, 4, 2))
     ppb = max(1, min(ppb, max_pages))
     sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
     programs = max(1, num_seqs * kv_heads)
@@ -69,13 +76,9 @@ def prefill_params(device_kind: str, group: int, head_dim: int,
     """Launch parameters of the ragged prefill kernel. Untuned default: 128 query rows per
     program (block_q x the group size rounded up to a power of two; the rows themselves are
     packed without padding) against 64 keys, 4 warps."""
-    for (card, g, h, b), val in PREFILL_TABLE.items():
-        if card in device_kind and (g, h, b) == (group, head_dim, page_size):
-            return val
     gp = 1 << (group - 1).bit_length()
-    block_q = max(1, 128 // gp)
-    ppb = max(1, 64 // page_size)
-    return block_q, ppb, 4, 2
+    return _lookup(PREFILL_TABLE, device_kind, (group, head_dim, page_size),
+                   (max(1, 128 // gp), max(1, 64 // page_size), 4, 2))
 
 
 # (device_kind substring, q_heads per kv head, head_dim, page_size)
@@ -97,7 +100,23 @@ def mgpu_prefill_params(device_kind: str, group: int, head_dim: int,
                         page_size: int) -> tuple[int, int, bool]:
     """Launch parameters of the Mosaic GPU prefill kernel. Untuned default: the measured best
     shape (2 stages of 128 keys, ping-pong); page sizes above 128 take tiles of one page."""
-    for (card, g, h, b), val in MGPU_PREFILL_TABLE.items():
-        if card in device_kind and (g, h, b) == (group, head_dim, page_size):
-            return val
-    return max(128, page_size), 2, True
+    return _lookup(MGPU_PREFILL_TABLE, device_kind, (group, head_dim, page_size),
+                   (max(128, page_size), 2, True))
+
+
+def mgpu_prefill_choice(device_kind: str, dtype, q_heads: int, kv_heads: int, head_dim: int,
+                        page_size: int, sliding_window=None,
+                        soft_cap=None) -> tuple[int, int, bool] | None:
+    """Launch parameters of the Mosaic GPU prefill kernel when it runs here (a compute capability
+    9.x GPU) and covers the configuration at its tuned parameters; None: use the Triton-lowered
+    kernel. The one decision the engine and the benchmark share."""
+    from pallas_kernels.paged_prefill_mgpu import available, supported
+
+    if not available() or kv_heads <= 0:
+        return None
+    block_kv, stages, pingpong = mgpu_prefill_params(device_kind, q_heads // kv_heads, head_dim,
+                                                     page_size)
+    if not supported(dtype, q_heads, kv_heads, head_dim, page_size, block_kv=block_kv,
+                     stages=stages, sliding_window=sliding_window, soft_cap=soft_cap):
+        return None
+    return block_kv, stages, pingpong

@@ -35,8 +35,7 @@ from pallas_kernels.paged_decode import bytes_read, paged_decode_attention, page
 from pallas_kernels.paged_prefill import paged_prefill_attention, prefill_flops
 from pallas_kernels.paged_prefill_mgpu import available as mgpu_runs
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
-from pallas_kernels.paged_prefill_mgpu import supported as mgpu_supported
-from pallas_kernels.tuning import decode_params, mgpu_prefill_params, prefill_params
+from pallas_kernels.tuning import decode_params, mgpu_prefill_choice, prefill_params
 
 HEADS = {"qwen2.5-7b": (28, 4, 128), "llama-3-8b": (32, 8, 128)}
 
@@ -161,8 +160,9 @@ def bench_prefill(kind: str, sweep: bool) -> dict:
             t_ours = timeit_chained(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             d_ours = device_time(ours, q, kc, vc, d_tables, d_lens, d_qsl)
             t_mg = d_mg = float("nan")
-            bkv, mst, mpp = mgpu_prefill_params(kind, n // k, h, 16)
-            if mgpu_supported(q.dtype, n, k, h, 16, bkv, mst) and mgpu_runs():
+            mgpu = mgpu_prefill_choice(kind, q.dtype, n, k, h, 16)
+            if mgpu is not None:
+                bkv, mst, mpp = mgpu
                 mg = jax.jit(lambda q, kc, vc, t, l, s: paged_prefill_attention_mgpu(
                     q, kc, vc, t, l, s, scale=h ** -0.5, block_kv=bkv, stages=mst, pingpong=mpp))
                 t_mg = timeit_chained(mg, q, kc, vc, d_tables, d_lens, d_qsl)

@@ -105,6 +105,12 @@ def test_mgpu_supported_configurations():
         block_kv, stages, _ = mgpu_prefill_params(card, g, h, b)
         assert supported(jnp.bfloat16, 4 * g, 4, h, b, block_kv=block_kv, stages=stages)
     assert mgpu_prefill_params("NVIDIA H100 80GB HBM3", 2, 64, 256)[0] == 256
+    # the engine's and the benchmark's decision: the tuned parameters where the kernel runs here
+    from pallas_kernels.tuning import mgpu_prefill_choice
+    got = mgpu_prefill_choice("NVIDIA H200", jnp.bfloat16, 28, 4, 128, 16)
+    assert got == ((128, 2, True) if available() else None)
+    assert mgpu_prefill_choice("NVIDIA H200", jnp.float32, 28, 4, 128, 16) is None
+    assert mgpu_prefill_choice("NVIDIA H200", jnp.bfloat16, 28, 4, 128, 16, soft_cap=30.0) is None
 
 
 def test_mgpu_prefill_refuses_mixed_dtypes():

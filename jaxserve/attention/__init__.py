@@ -94,17 +94,11 @@ class PallasBackend:
         if (self.interpret or _prefill_kernel_choice() == "triton"
                 or k_cache.dtype != q.dtype):
             return None
-        from pallas_kernels.paged_prefill_mgpu import available, supported
-        from pallas_kernels.tuning import mgpu_prefill_params
+        from pallas_kernels.tuning import mgpu_prefill_choice
 
-        if not available():
-            return None
-
-        n, k_heads, h, b = q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1]
-        params = mgpu_prefill_params(self.device_kind, n // k_heads, h, b)
-        ok = supported(q.dtype, n, k_heads, h, b, block_kv=params[0], stages=params[1],
-                       sliding_window=spec.sliding_window, soft_cap=spec.soft_cap)
-        return params if ok else None
+        return mgpu_prefill_choice(self.device_kind, q.dtype, q.shape[1], k_cache.shape[2],
+                                   q.shape[2], k_cache.shape[1], spec.sliding_window,
+                                   spec.soft_cap)
 
     def decode_variant(self) -> "PallasBackend":
         return PallasBackend(self.interpret, decode_only=True)
