@@ -68,40 +68,41 @@ def timeit_chained(f, q, *rest, chain: int = 10, iters: int = 3, rounds: int = 5
     return timeit(many, q, *rest, iters=iters, rounds=rounds) / chain
 
 
-def device_time(f, *args, iterations: int = 20) -> float:
-    """Seconds of device time per call of `f`: the sum of the kernels one call launches as CUPTI
-    records them, median over `iterations` calls (NaN where CUPTI is unavailable)."""
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-        f = jax.jit(f)
-        jax.block_until_ready(f(*args))
-        _, runs = profiler.measure(f, aggregate=False, iterations=iterations)(*args)
-        return statistics.median(sum(t for _, t in run) for run in runs) / 1e3
-    except Exception as e:  # keep the chained figures: report why this one is missing
-        print(f"  device time unavailable: {type(e).__name__}: {str(e)[:160]}")
-        return float("nan")
-
-
-def device_kernels(f, *args, iterations: int = 20) -> dict[str, float]:
-    """Seconds of device time per call of `f` for each kernel name it launches (CUPTI; median over
-    `iterations` calls; same-named kernels of one call summed): separates a Pallas kernel from
-    the small XLA kernels of its wrapper. Empty where CUPTI is unavailable."""
+def _kernel_runs(f, *args, iterations: int) -> list[dict[str, float]] | None:
+    """Per call of `f` (`iterations` calls), the seconds of device time of each kernel name it
+    launches, as CUPTI records them (same-named kernels of one call summed); None where CUPTI is
+    unavailable (the reason is printed)."""
     try:
         from jax.experimental.mosaic.gpu import profiler
         f = jax.jit(f)
         jax.block_until_ready(f(*args))
         _, runs = profiler.measure(f, aggregate=False, iterations=iterations)(*args)
     except Exception as e:  # keep the other figures: report why this one is missing
-        print(f"  device kernels unavailable: {type(e).__name__}: {str(e)[:160]}")
-        return {}
+        print(f"  device time unavailable: {type(e).__name__}: {str(e)[:160]}")
+        return None
     per_run = []
     for run in runs:
         d: dict[str, float] = {}
         for name, t in run:
             d[name] = d.get(name, 0.0) + t / 1e3
         per_run.append(d)
-    names = {n for d in per_run for n in d}
-    return {n: statistics.median(d.get(n, 0.0) for d in per_run) for n in names}
+    return per_run
+
+
+def device_time(f, *args, iterations: int = 20) -> float:
+    """Seconds of device time per call of `f`: the sum of the kernels one call launches, median
+    over `iterations` calls (NaN where CUPTI is unavailable)."""
+    runs = _kernel_runs(f, *args, iterations=iterations)
+    return float("nan") if runs is None else statistics.median(sum(d.values()) for d in runs)
+
+
+def device_kernels(f, *args, iterations: int = 20) -> dict[str, float]:
+    """Seconds of device time per call of `f` for each kernel name it launches (median over
+    `iterations` calls): separates a Pallas kernel from the small XLA kernels of its wrapper.
+    Empty where CUPTI is unavailable."""
+    runs = _kernel_runs(f, *args, iterations=iterations) or []
+    names = {n for d in runs for n in d}
+    return {n: statistics.median(d.get(n, 0.0) for d in runs) for n in names}
 
 
 def sweep_grid(grid: dict[str, tuple], make, args: tuple) -> list[dict]:
