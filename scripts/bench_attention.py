@@ -13,7 +13,10 @@ call's query), the way the model's layers run; separately dispatched calls would
 several µs per call that the engine pays once per step. The "dev" columns are the device time of
 one call's kernels as CUPTI records them (`jax.experimental.mosaic.gpu.profiler.measure`: every
 kernel the call launches, the wrapper's XLA ops included, without the launch gaps between them),
-median of 20 calls; the read ceiling is then measured the same way.
+median of 20 calls; the read ceiling is then measured the same way. The "kernel" column is the
+Mosaic GPU prefill kernel's own device time, without its wrapper's small XLA kernels (work items,
+int clamps), which depend only on the step's metadata: the engine computes them once per step,
+not once per layer; each call's kernels are listed above its row.
 
     python scripts/bench_attention.py [--quick] [--sweep] [--prefill] [--prefill-only]
                                       [--prefill-anchors] [--json out.json]
