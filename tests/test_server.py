@@ -54,6 +54,15 @@ def test_chat_completion(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_neutral_structured_output_and_tool_fields_pass(client):
+    """What clients send by default (text format, no tools) is accepted; asking for JSON output,
+    tools or guided decoding is a 400 (the bad-input table below)."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=4, temperature=0.0,
+        extra_body={"response_format": {"type": "text"}, "tools": [], "tool_choice": "none"})
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_completion_and_echo(client):
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.0,
                                   extra_body={"ignore_eos": True})
@@ -198,6 +207,11 @@ BAD = [
     (CHAT, {"messages": MSG, "stop": [""]}, None, 400, "stop"),
     (CHAT, {"messages": MSG, "logit_bias": {"abc": 1}}, None, 400, "logit_bias"),
     (CHAT, {"messages": MSG, "chat_template": "{{ 'x' }}"}, None, 400, "chat_template"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, None, 400, "response_format"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400,
+     "tools"),
+    (CHAT, {"messages": MSG, "tool_choice": "required"}, None, 400, "tool_choice"),
+    (COMP, {"prompt": "x", "guided_json": {"type": "object"}}, None, 400, "guided_json"),
     (CHAT, "this is not json", None, 400, None),
     (CHAT, {"messages": MSG, "pad": "x" * (2 << 20)}, None, 413, None),
     (CHAT, {"messages": MSG}, {}, 401, None),

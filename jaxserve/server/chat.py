@@ -59,6 +59,7 @@ async def create_chat_completion(request: Request) -> Response:
         body = await read_json(request)
         model = state.check_model(body)
         messages = protocol.chat_messages(body)
+        protocol.refuse_unsupported(body)
         want_lp = protocol.get(body, "logprobs", (bool,), False)
         top = protocol.get(body, "top_logprobs", (int,), None)
         if top is not None and not 0 <= top <= MAX_LOGPROBS:

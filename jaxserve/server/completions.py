@@ -40,6 +40,7 @@ async def create_completion(request: Request) -> Response:
         body = await read_json(request)
         model = state.check_model(body)
         prompts = protocol.completion_prompts(body)
+        protocol.refuse_unsupported(body)
         k = protocol.get(body, "logprobs", (int,), None)
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
             raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {k}", param="logprobs")

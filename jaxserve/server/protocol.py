@@ -2,7 +2,9 @@
 
 Unknown fields are ignored (clients send vendor extras), but a known field of the wrong type or out
 of bounds is a 400 naming the field (never 422). Sampling bounds are checked by
-`SamplingParams.validate`, whose error names the field too.
+`SamplingParams.validate`, whose error names the field too. Fields asking for what this server does
+not do (structured output, tool calls, vLLM's guided decoding) are a 400 naming the field, not
+silently ignored: an answer that ignored them would look valid and be wrong.
 """
 
 from __future__ import annotations
@@ -102,6 +104,28 @@ def sampling_params(body: dict, *, default_max_tokens: int | None, logprobs: int
         logit_bias=bias,
         skip_special_tokens=get(body, "skip_special_tokens", (bool,), True),
     )
+
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def refuse_unsupported(body: dict) -> None:
+    """400 for requests that need structured output or tool calling. Their neutral values pass:
+    `response_format` of type "text", an empty `tools` or `functions` list, `tool_choice` "none"."""
+    fmt = get(body, "response_format", (dict,), None)
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise _bad("response_format", f"type {fmt.get('type')!r} is not supported: this server "
+                                      "does not constrain output to JSON or a schema (only 'text')")
+    for field in ("tools", "functions"):
+        if get(body, field, (list,), None):
+            raise _bad(field, "tool and function calling are not supported by this server")
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice not in (None, "none", "auto"):
+        raise _bad("tool_choice" if "tool_choice" in body else "function_call",
+                   "tool and function calling are not supported by this server")
+    for field in _GUIDED:
+        if body.get(field) is not None:
+            raise _bad(field, "guided decoding is not supported by this server")
 
 
 def completion_prompts(body: dict) -> list[str | list[int]]:
