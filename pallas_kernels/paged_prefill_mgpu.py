@@ -71,10 +71,13 @@ def available(device=None) -> bool:
 
 
 def supported(dtype, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-              block_kv: int = 128, stages: int = 2, sliding_window=None, soft_cap=None) -> bool:
-    """Configurations this kernel covers; the others use the Triton-lowered kernel."""
+              block_kv: int = 128, stages: int = 2, sliding_window=None, soft_cap=None,
+              kv_dtype=None) -> bool:
+    """Configurations this kernel covers; the others use the Triton-lowered kernel. `kv_dtype`
+    (default: `dtype`) is the caches' dtype, which must be q's."""
     group = num_heads // num_kv_heads if num_kv_heads else 0
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and (kv_dtype is None or jnp.dtype(kv_dtype) == jnp.dtype(dtype))
             and num_kv_heads > 0 and num_heads % num_kv_heads == 0 and 1 <= group <= ROWS
             and head_dim in (64, 128) and page_size % 8 == 0 and block_kv % page_size == 0
             and block_kv % ROWS == 0 and stages >= 1

@@ -107,8 +107,8 @@ def mgpu_prefill_params(device_kind: str, group: int, head_dim: int,
 
 
 def mgpu_prefill_choice(device_kind: str, dtype, q_heads: int, kv_heads: int, head_dim: int,
-                        page_size: int, sliding_window=None,
-                        soft_cap=None) -> tuple[int, int, bool] | None:
+                        page_size: int, sliding_window=None, soft_cap=None,
+                        kv_dtype=None) -> tuple[int, int, bool] | None:
     """Launch parameters of the Mosaic GPU prefill kernel when it runs here (a compute capability
     9.x GPU) and covers the configuration at its tuned parameters; None: use the Triton-lowered
     kernel. The one decision the engine and the benchmark share."""
@@ -119,6 +119,7 @@ def mgpu_prefill_choice(device_kind: str, dtype, q_heads: int, kv_heads: int, he
     block_kv, stages, pingpong = mgpu_prefill_params(device_kind, q_heads // kv_heads, head_dim,
                                                      page_size)
     if not supported(dtype, q_heads, kv_heads, head_dim, page_size, block_kv=block_kv,
-                     stages=stages, sliding_window=sliding_window, soft_cap=soft_cap):
+                     stages=stages, sliding_window=sliding_window, soft_cap=soft_cap,
+                     kv_dtype=kv_dtype):
         return None
     return block_kv, stages, pingpong

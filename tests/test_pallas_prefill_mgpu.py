@@ -95,6 +95,8 @@ def test_mgpu_supported_configurations():
     assert not supported(jnp.bfloat16, 28, 4, 128, 12)           # page not a multiple of 8
     assert not supported(jnp.bfloat16, 28, 4, 128, 16, sliding_window=64)
     assert not supported(jnp.bfloat16, 28, 4, 128, 16, soft_cap=30.0)
+    assert supported(jnp.bfloat16, 28, 4, 128, 16, kv_dtype=jnp.bfloat16)
+    assert not supported(jnp.bfloat16, 28, 4, 128, 16, kv_dtype=jnp.float16)   # mixed: Triton
     assert supported(jnp.bfloat16, 28, 4, 128, 16, block_kv=64, stages=3)
     # 3 stages of 128 keys at head_dim 128: 256 KiB of tiles (the GPU reported 264,312
     # bytes with barriers and alignment; a block may use 227 KiB)
@@ -111,6 +113,8 @@ def test_mgpu_supported_configurations():
     assert got == ((128, 2, True) if available() else None)
     assert mgpu_prefill_choice("NVIDIA H200", jnp.float32, 28, 4, 128, 16) is None
     assert mgpu_prefill_choice("NVIDIA H200", jnp.bfloat16, 28, 4, 128, 16, soft_cap=30.0) is None
+    assert mgpu_prefill_choice("NVIDIA H200", jnp.bfloat16, 28, 4, 128, 16,
+                               kv_dtype=jnp.float8_e4m3fn) is None
 
 
 def test_mgpu_prefill_refuses_mixed_dtypes():

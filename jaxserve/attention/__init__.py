@@ -91,14 +91,13 @@ class PallasBackend:
         (TMA + wgmma): Hopper GPUs, for the configurations it covers (bf16/fp16, head_dim 64/128,
         no window or soft-cap); None: the Triton-lowered kernel (JAXSERVE_PREFILL_KERNEL=triton
         forces it)."""
-        if (self.interpret or _prefill_kernel_choice() == "triton"
-                or k_cache.dtype != q.dtype):
+        if self.interpret or _prefill_kernel_choice() == "triton":
             return None
         from pallas_kernels.tuning import mgpu_prefill_choice
 
         return mgpu_prefill_choice(self.device_kind, q.dtype, q.shape[1], k_cache.shape[2],
                                    q.shape[2], k_cache.shape[1], spec.sliding_window,
-                                   spec.soft_cap)
+                                   spec.soft_cap, kv_dtype=k_cache.dtype)
 
     def decode_variant(self) -> "PallasBackend":
         return PallasBackend(self.interpret, decode_only=True)
