@@ -46,18 +46,39 @@ def read_ceiling_tbs(gib: float = 4.0, iters: int = 10) -> float:
     return best
 
 
-def padded_steps(runner, kind: str, b: int, n: int, tokens: int | None = None) -> bool:
-    """Dispatch `n` all-padding steps (compiled forward `kind` at `tokens` tokens (default b) and b
-    sequences + greedy sampler) back to back and wait for them; False if that bucket was not
-    compiled."""
-    t = b if tokens is None else tokens
-    fn, sample = runner._exec.get((kind, t, b)), runner._exec.get(("sample", "greedy", b))
+def padded_step(runner, kind: str, t: int, s: int):
+    """A function that dispatches one all-padding step of t tokens and s sequences with the greedy
+    sampler and returns its result (not waited for): the decode step's fused executable where the
+    runner has one, else the forward and then the sampler; None if that bucket was not compiled."""
+    fwd, st = runner._padding_inputs(t, s)
+    fused = runner._exec.get(("decode_sample", t, s, "greedy")) if kind == "decode" else None
+    if fused is not None:
+        def run():
+            res, runner.kv, runner.sampler_state = fused(runner.params, runner.kv, fwd,
+                                                         runner.sampler_state, st)
+            return res
+        return run
+    fn, sample = runner._exec.get((kind, t, s)), runner._exec.get(("sample", "greedy", s))
     if fn is None or sample is None:
-        return False
-    fwd, st = runner._padding_inputs(t, b)
-    for _ in range(n):
+        return None
+
+    def run():
         logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
         res, runner.sampler_state = sample(logits, runner.sampler_state, st)
+        return res
+    return run
+
+
+def padded_steps(runner, kind: str, b: int, n: int, tokens: int | None = None) -> bool:
+    """Dispatch `n` all-padding steps (`kind` at `tokens` tokens (default b) and b sequences,
+    greedy sampler) back to back and wait for them; False if that bucket was not compiled."""
+    if kind == "decode" and tokens is None:   # the bucket a b-sequence decode step runs in
+        b = next((s for _, s in runner.decode_buckets if s >= b), b)
+    run = padded_step(runner, kind, b if tokens is None else tokens, b)
+    if run is None:
+        return False
+    for _ in range(n):
+        res = run()
     jax.block_until_ready(res)
     return True
 
@@ -141,12 +162,22 @@ class Phases:
 
 def host_call_time(runner, kind: str, t: int, s: int, n: int = 10) -> tuple[float, float]:
     """Median host time spent inside one padded step's forward call and its sampler call, each
-    made with the device idle (so no queue to wait behind): launch and argument handling."""
-    fn, sample = runner._exec[(kind, t, s)], runner._exec[("sample", "greedy", s)]
+    made with the device idle (so no queue to wait behind): launch and argument handling. A decode
+    step with its sampler fused in is one call: (its time, 0)."""
+    fused = runner._exec.get(("decode_sample", t, s, "greedy")) if kind == "decode" else None
+    fn, sample = runner._exec.get((kind, t, s)), runner._exec.get(("sample", "greedy", s))
     fwd, st = runner._padding_inputs(t, s)
     f_times, s_times = [], []
     for _ in range(n):
         jax.block_until_ready((runner.kv, runner.sampler_state))
+        if fused is not None:
+            t0 = time.perf_counter()
+            res, runner.kv, runner.sampler_state = fused(runner.params, runner.kv, fwd,
+                                                         runner.sampler_state, st)
+            f_times.append(time.perf_counter() - t0)
+            s_times.append(0.0)
+            jax.block_until_ready(res)
+            continue
         t0 = time.perf_counter()
         logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
         t1 = time.perf_counter()
@@ -257,7 +288,9 @@ def main() -> None:
                 times.append((time.perf_counter() - t0) / 20)
             step_times[f"{label} b={b}"] = statistics.median(times)
     call_times = {}
-    for kind, t, s in sorted(k for k in used if k is not None):   # every executable --phases saw
+    for key in sorted({k[:3] for k in used if k is not None}):   # every executable --phases saw
+        kind, t, s = key
+        kind = "decode" if kind == "decode_sample" else kind
         if not (t == s and f"{kind} b={s}" in step_times):
             padded_steps(runner, kind, s, 2, tokens=t)
             t0 = time.perf_counter()
@@ -294,8 +327,9 @@ def main() -> None:
         with jax.profiler.trace(trace_dir):
             traced = padded_steps(runner, "decode", b, 10)
         if traced:
-            print(f"profile: decode step b={b}, device 0")
-            summarise(gpu_events(trace_dir, "/device:GPU:0"), 10, 45)
+            for i in range(len(jax.local_devices()) if args.mesh else 1):
+                print(f"profile: decode step b={b}, device {i}")
+                summarise(gpu_events(trace_dir, f"/device:GPU:{i}"), 10, 45)
     stats = llm.get_stats()
     print("device step time (back-to-back, no host work): "
           + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in step_times.items()))

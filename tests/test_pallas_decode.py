@@ -78,6 +78,36 @@ def test_engine_pallas_backend_equals_reference():
     assert outs["pallas"] == outs["reference"]
 
 
+def test_decode_step_with_fused_sampler_equals_separate_calls(monkeypatch):
+    """A decode step's forward and sampler as one executable (the default with the decode kernel)
+    give the tokens and logprobs of the two executables called one after the other, for greedy,
+    seeded random and top-p + logprobs requests together."""
+    from jaxserve import LLM, SamplingParams
+    from tests.engine_fixtures import tiny_loaded
+
+    prompts = [{"prompt_token_ids": list(range(2, 2 + n))} for n in (3, 11, 5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_p=0.8, seed=6, logprobs=2, max_tokens=7,
+                             ignore_eos=True)]
+    outs, lps, kinds = {}, {}, {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("JAXSERVE_FUSED_DECODE_SAMPLER", fused)
+        llm = LLM(tiny_loaded(seed=9), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+                  block_size=8, num_kv_blocks=40, attention_backend="pallas",
+                  compilation_cache_dir=None, show_progress=False)
+        res = [llm.generate([p], sp)[0].outputs[0] for p, sp in zip(prompts, params)]
+        res += [o.outputs[0] for o in llm.generate(prompts, params)]   # all three in one batch
+        outs[fused] = [(o.token_ids, [sorted(d) for d in (o.logprobs or [])]) for o in res]
+        lps[fused] = [v.logprob for o in res for d in (o.logprobs or []) for _, v in sorted(d.items())]
+        kinds[fused] = {k[0] for k in llm.engine.runner._exec}
+        assert llm.get_stats()["compiles_after_warmup"] == 0
+    assert outs["1"] == outs["0"]
+    assert len(lps["1"]) >= 2 * 7 * 2 and np.allclose(lps["1"], lps["0"], atol=1e-5)
+    assert "decode_sample" in kinds["1"] and "decode" not in kinds["1"]
+    assert "decode" in kinds["0"] and "decode_sample" not in kinds["0"]
+
+
 def _fused_case(rng, n, k, h, b, lens, dtype=np.float32):
     kc, vc, tables = decode_step_cache(rng, lens, k, h, b)
     qkv = rng.normal(size=(len(lens), k, n // k + 2, h)).astype(np.float32)

@@ -76,6 +76,14 @@ def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
     assert r["compiles_after_warmup"] == 0
 
 
+def test_decode_steps_under_tp_have_two_rows_at_least(tp_results):
+    # XLA turns a one-row matmul against a small weight shard into a slow reduction: under tp a
+    # lone sequence decodes in a two-row bucket (one padding row), with the same tokens
+    r = tp_results["llama_kv2/tp=2/pallas"]
+    assert r["decode_buckets"][0] == [2, 2]
+    assert r["single"] == tp_results["llama_kv2/None"]["tokens"][2]
+
+
 def test_kv_heads_split_when_divisible_else_replicated(tp_results):
     assert "'tp'" in tp_results["llama_kv2/tp=2"]["kv_spec"]        # K=2 over tp=2
     assert "'tp'" not in tp_results["llama_kv2/tp=4"]["kv_spec"]    # K=2 < tp=4: replicated

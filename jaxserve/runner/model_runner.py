@@ -1,13 +1,16 @@
-"""The model runner: SchedulerOutput -> numpy int32 metadata -> two jitted calls -> sampled tokens.
+"""The model runner: SchedulerOutput -> numpy int32 metadata -> jitted calls -> sampled tokens.
 
-A step is two executables dispatched back to back, all compiled in `warmup()` (lowered one by one,
-compiled on a thread pool) and then called directly, so a step can never trigger a compile:
-  * the forward, one per bucket (T tokens, S sequences), plus decode-only buckets when the attention
-    backend has a decode kernel: forward + KV write + logits at the S sampling rows, KV cache donated;
+Every executable a step can need is compiled in `warmup()` (lowered one by one, compiled on a
+thread pool) and then called directly, so a step can never trigger a compile:
+  * the forward, one per bucket (T tokens, S sequences): forward + KV write + logits at the S
+    sampling rows, KV cache donated;
   * the sampler, one per (S, mode): the host picks the cheapest mode that serves every row
-    ("greedy", "random", "full"; see `sampler_mode`), sampler state donated.
-Both are enqueued without waiting, so the host never blocks inside a step. Per-request sampling
-state lives in device "slots" (`jaxserve/sampling/sampler.py`); the runner maps request ids to slots.
+    ("greedy", "random", "full"; see `sampler_mode`), sampler state donated;
+  * when the attention backend has a decode kernel, all-decode steps (one token per sequence) run
+    one executable per (sequence bucket, mode) holding both: decode forward and sampler.
+A step's calls are enqueued without waiting, so the host never blocks inside a step. Per-request
+sampling state lives in device "slots" (`jaxserve/sampling/sampler.py`); the runner maps request
+ids to slots.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ def _seed32(seed: int) -> int:
     return int(seed) & 0xFFFFFFFF
 
 
+def _fused_decode_sampler() -> bool:
+    """Decode steps run forward and sampler as one executable (default);
+    JAXSERVE_FUSED_DECODE_SAMPLER=0 calls them one after the other."""
+    return os.environ.get("JAXSERVE_FUSED_DECODE_SAMPLER", "1") != "0"
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, *, block_size: int, num_blocks: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
@@ -104,11 +113,20 @@ class ModelRunner:
         # backend has a specialised kernel for it; its buckets are the sequence-count buckets.
         decode_backend = getattr(self.backend, "decode_variant", lambda: None)()
         self._step_decode = None
+        self._decode_sample: dict[str, object] = {}
         self.decode_buckets: list[tuple[int, int]] = []
         if decode_backend is not None:
             self._step_decode = jax.jit(functools.partial(self._forward_fn, backend=decode_backend),
                                         donate_argnums=(1,), static_argnames=("t", "s"))
-            self.decode_buckets = sorted({(s, s) for _, s in all_buckets})
+            if _fused_decode_sampler():
+                # NOTE: a decode step is one executable, forward and sampler together, per
+                # sampler mode: one launch (and, under tp, one rendezvous of the launch threads)
+                # fewer per step than forward + sampler called one after the other.
+                self._decode_sample = {m: jax.jit(
+                    functools.partial(self._decode_sample_fn, backend=decode_backend, mode=m),
+                    donate_argnums=(1, 3), static_argnames=("t", "s")) for m in SAMPLER_MODES}
+            floor = min(self._decode_row_floor(tp), max_num_seqs, max_num_batched_tokens)
+            self.decode_buckets = sorted({(max(s, floor),) * 2 for _, s in all_buckets})
             # every all-decode step has its own variant, so the general one (steps with prefill)
             # starts at 16 tokens: four fewer executables to compile, padding that costs ~nothing
             self.buckets = make_buckets(max_num_batched_tokens, max_num_seqs, token_floor=16)
@@ -117,7 +135,9 @@ class ModelRunner:
         # GPU reads its predicate back to the host and stalls the launch queue every step).
         self._sample = {m: jax.jit(functools.partial(self._sample_fn, mode=m), donate_argnums=(1,))
                         for m in SAMPLER_MODES}
-        self.sample_sizes = sorted({s for _, s in self.buckets} | {s for _, s in self.decode_buckets})
+        # the sampler alone serves the steps whose sampler is not fused into the forward
+        self.sample_sizes = sorted({s for _, s in self.buckets}
+                                   | (set() if self._decode_sample else {s for _, s in self.decode_buckets}))
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         # each slot's fixed sampling rows (set at admission), gathered by slot every step; "mode"
@@ -166,6 +186,15 @@ class ModelRunner:
             sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
         return pack_result(tokens, lp, top_ids, top_lp), sstate
 
+    def _decode_sample_fn(self, params, kv, packed, sstate, sampling, *, t: int, s: int,
+                          backend: AttentionBackend, mode: str):
+        """A decode step and its sampler as one executable: (packed result, KV cache, sampler
+        state)."""
+        logits, kv = self._forward_fn(params, kv, packed, sstate.last_token, t=t, s=s,
+                                      backend=backend)
+        result, sstate = self._sample_fn(logits, sstate, sampling, mode=mode)
+        return result, kv, sstate
+
     def lower(self, num_tokens: int, num_seqs: int):
         """The lowered forward for one bucket (for HLO inspection)."""
         packed, _ = self._padding_inputs(num_tokens, num_seqs)
@@ -188,14 +217,20 @@ class ModelRunner:
         """(key, jitted function, example arguments, static arguments) for every executable a step
         can need."""
         work = []
-        variants = [("forward", self._step, self.buckets),
-                    ("decode", self._step_decode, self.decode_buckets)]
+        variants = [("forward", self._step, self.buckets)]
+        if not self._decode_sample:
+            variants.append(("decode", self._step_decode, self.decode_buckets))
         for kind, fn, buckets in variants:
             for t, s in buckets:
                 fwd, _ = self._padding_inputs(t, s)
                 work.append(((kind, t, s), fn,
                              (self.params, self.kv, fwd, self.sampler_state.last_token),
                              {"t": t, "s": s}))
+        for m, fn in self._decode_sample.items():
+            for t, s in self.decode_buckets:
+                fwd, st = self._padding_inputs(t, s)
+                work.append((("decode_sample", t, s, m), fn,
+                             (self.params, self.kv, fwd, self.sampler_state, st), {"t": t, "s": s}))
         for s in self.sample_sizes:
             # as the forward hands them over: uncommitted on one device, replicated over a mesh
             # (another input sharding would be another executable)
@@ -249,6 +284,9 @@ class ModelRunner:
                 if self._replicated is not None:
                     logits = jax.device_put(logits, self._replicated)
                 _, self.sampler_state = self._exec[key](logits, self.sampler_state, args[2])
+            elif key[0] == "decode_sample":
+                _, self.kv, self.sampler_state = self._exec[key](
+                    self.params, self.kv, args[2], self.sampler_state, args[4])
             else:
                 _, self.kv = self._exec[key](self.params, self.kv, args[2], self.sampler_state.last_token)
         # the padding runs wrote into slot 0: every slot starts empty (and both fill sizes compile)
@@ -294,6 +332,15 @@ class ModelRunner:
         if slot is not None:
             self._free_slots.append(slot)
 
+    @staticmethod
+    def _decode_row_floor(tp: int) -> int:
+        """The fewest rows a decode step is padded to. XLA rewrites a one-row matmul whose weight
+        holds < 10^7 elements into a reduction that reads far below the memory bandwidth; under
+        tensor parallelism the qkv and o shards of a 7B model fall under that size.
+        JAXSERVE_DECODE_ROW_FLOOR overrides."""
+        flag = os.environ.get("JAXSERVE_DECODE_ROW_FLOOR")
+        return int(flag) if flag else (2 if tp > 1 else 1)
+
     def compiler_options(self) -> dict:
         """XLA options for the step executables. Tensor parallel on GPUs: small all-reduces (a
         decode step's [T, D] activations) use XLA's one-shot kernel over peer memory instead of
@@ -314,6 +361,8 @@ class ModelRunner:
             return exe
         if key[0] == "sample":
             return self._sample[key[1]]
+        if key[0] == "decode_sample":
+            return functools.partial(self._decode_sample[key[3]], t=key[1], s=key[2])
         fn = self._step if key[0] == "forward" else self._step_decode
         return functools.partial(fn, t=key[1], s=key[2])
 
@@ -338,12 +387,16 @@ class ModelRunner:
             block_size=self.block_size, num_tokens=t, num_seqs=s,
             max_blocks_per_seq=self.max_blocks_per_seq)
         ids, src, logits_idx, rows = self._step_rows(out.seqs, t, s)
-        logits, self.kv = self._executable((kind, t, s))(
-            self.params, self.kv, pack_forward(ids, positions, meta, logits_idx, src),
-            self.sampler_state.last_token)
+        packed = pack_forward(ids, positions, meta, logits_idx, src)
         mode = SAMPLER_MODES[int(self._slot_rows["mode"][rows["slot"][:len(out.seqs)]].max())]
-        result, self.sampler_state = self._executable(("sample", mode, s))(
-            logits, self.sampler_state, pack_sampling(rows))
+        if kind == "decode" and self._decode_sample:
+            result, self.kv, self.sampler_state = self._executable(("decode_sample", t, s, mode))(
+                self.params, self.kv, packed, self.sampler_state, pack_sampling(rows))
+        else:
+            logits, self.kv = self._executable((kind, t, s))(
+                self.params, self.kv, packed, self.sampler_state.last_token)
+            result, self.sampler_state = self._executable(("sample", mode, s))(
+                logits, self.sampler_state, pack_sampling(rows))
         self.num_steps += 1
         # NOTE: the copy to the host is queued now, behind the step: fetching four arrays one
         # blocking transfer at a time cost ~2 ms of host time per step (measured under tp=2).

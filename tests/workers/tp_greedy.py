@@ -70,6 +70,10 @@ aeng.shutdown()
 llm = LLM(tiny_loaded(seed=13), mesh="tp=2", attention_backend="pallas", max_model_len=64,
           max_num_seqs=4, max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
           compilation_cache_dir=None, show_progress=False)
-result["llama_kv2/tp=2/pallas"] = {"tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, sp)],
-                                   "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+result["llama_kv2/tp=2/pallas"] = {
+    "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, sp)],
+    # one sequence alone: its decode steps run in the two-row floor bucket under tp
+    "single": llm.generate(prompts[2:], sp)[0].outputs[0].token_ids,
+    "decode_buckets": llm.engine.runner.decode_buckets,
+    "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
 print("RESULT " + json.dumps(result))
