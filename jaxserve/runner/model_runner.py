@@ -136,8 +136,8 @@ class ModelRunner:
         self._sample = {m: jax.jit(functools.partial(self._sample_fn, mode=m), donate_argnums=(1,))
                         for m in SAMPLER_MODES}
         # the sampler alone serves the steps whose sampler is not fused into the forward
-        self.sample_sizes = sorted({s for _, s in self.buckets}
-                                   | (set() if self._decode_sample else {s for _, s in self.decode_buckets}))
+        alone = self.buckets + ([] if self._decode_sample else self.decode_buckets)
+        self.sample_sizes = sorted({s for _, s in alone})
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         # each slot's fixed sampling rows (set at admission), gathered by slot every step; "mode"
