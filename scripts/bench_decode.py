@@ -46,27 +46,32 @@ def read_ceiling_tbs(gib: float = 4.0, iters: int = 10) -> float:
     return best
 
 
-def padded_step(runner, kind: str, t: int, s: int):
-    """A function that dispatches one all-padding step of t tokens and s sequences with the greedy
-    sampler and returns its result (not waited for): the decode step's fused executable where the
-    runner has one, else the forward and then the sampler; None if that bucket was not compiled."""
+def step_calls(runner, kind: str, t: int, s: int):
+    """The executable calls of one all-padding step of t tokens and s sequences with the greedy
+    sampler, in order, each returning what to wait for: the decode step's fused executable where
+    the runner has one, else the forward and then the sampler; None if that bucket was not
+    compiled."""
     fwd, st = runner._padding_inputs(t, s)
     fused = runner._exec.get(("decode_sample", t, s, "greedy")) if kind == "decode" else None
     if fused is not None:
-        def run():
+        def step():
             res, runner.kv, runner.sampler_state = fused(runner.params, runner.kv, fwd,
                                                          runner.sampler_state, st)
             return res
-        return run
+        return [step]
     fn, sample = runner._exec.get((kind, t, s)), runner._exec.get(("sample", "greedy", s))
     if fn is None or sample is None:
         return None
+    box = {}
 
-    def run():
-        logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
-        res, runner.sampler_state = sample(logits, runner.sampler_state, st)
+    def forward():
+        box["logits"], runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
+        return box["logits"]
+
+    def sampler():
+        res, runner.sampler_state = sample(box["logits"], runner.sampler_state, st)
         return res
-    return run
+    return [forward, sampler]
 
 
 def padded_steps(runner, kind: str, b: int, n: int, tokens: int | None = None) -> bool:
@@ -74,11 +79,12 @@ def padded_steps(runner, kind: str, b: int, n: int, tokens: int | None = None) -
     greedy sampler) back to back and wait for them; False if that bucket was not compiled."""
     if kind == "decode" and tokens is None:   # the bucket a b-sequence decode step runs in
         b = next((s for _, s in runner.decode_buckets if s >= b), b)
-    run = padded_step(runner, kind, b if tokens is None else tokens, b)
-    if run is None:
+    calls = step_calls(runner, kind, b if tokens is None else tokens, b)
+    if calls is None:
         return False
     for _ in range(n):
-        res = run()
+        for call in calls:
+            res = call()
     jax.block_until_ready(res)
     return True
 
@@ -164,31 +170,17 @@ def host_call_time(runner, kind: str, t: int, s: int, n: int = 10) -> tuple[floa
     """Median host time spent inside one padded step's forward call and its sampler call, each
     made with the device idle (so no queue to wait behind): launch and argument handling. A decode
     step with its sampler fused in is one call: (its time, 0)."""
-    fused = runner._exec.get(("decode_sample", t, s, "greedy")) if kind == "decode" else None
-    fn, sample = runner._exec.get((kind, t, s)), runner._exec.get(("sample", "greedy", s))
-    fwd, st = runner._padding_inputs(t, s)
-    f_times, s_times = [], []
+    calls = step_calls(runner, kind, t, s)
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(n):
-        jax.block_until_ready((runner.kv, runner.sampler_state))
-        if fused is not None:
+        for call, ts in zip(calls, times):
+            jax.block_until_ready((runner.kv, runner.sampler_state))
             t0 = time.perf_counter()
-            res, runner.kv, runner.sampler_state = fused(runner.params, runner.kv, fwd,
-                                                         runner.sampler_state, st)
-            f_times.append(time.perf_counter() - t0)
-            s_times.append(0.0)
+            res = call()
+            ts.append(time.perf_counter() - t0)
             jax.block_until_ready(res)
-            continue
-        t0 = time.perf_counter()
-        logits, runner.kv = fn(runner.params, runner.kv, fwd, runner.sampler_state.last_token)
-        t1 = time.perf_counter()
-        jax.block_until_ready(logits)
-        t2 = time.perf_counter()
-        res, runner.sampler_state = sample(logits, runner.sampler_state, st)
-        t3 = time.perf_counter()
-        jax.block_until_ready(res)
-        f_times.append(t1 - t0)
-        s_times.append(t3 - t2)
-    return statistics.median(f_times), statistics.median(s_times)
+    f, *rest = [statistics.median(ts) for ts in times]
+    return f, (rest[0] if rest else 0.0)
 
 
 def main() -> None:
