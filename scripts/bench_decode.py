@@ -332,7 +332,8 @@ def main() -> None:
           f"{stats['compiles_after_warmup']}")
     ws = runner.warmup_seconds
     print(f"warm-up: {ws['executables']} executables; trace+lower {ws['trace_lower']:.1f}s, "
-          f"compile {ws['compile']:.1f}s on {ws['compile_threads']} threads, first runs "
+          f"compiles (overlapping it) done {ws['compile_after']:.1f}s later on {ws['compile_threads']} "
+          f"threads, first runs "
           f"{ws['first_run']:.1f}s")
     print(f"{'batch':>6} {'async':>8} {'median s':>9} {'out tok/s':>10} {'% roofline':>10}")
     for r in rows:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -127,6 +128,14 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+def _executable_store_enabled() -> bool:
+    """Compiled step executables are kept next to XLA's cache on GPUs (a warm start skips
+    tracing and lowering). Not on the CPU by default: XLA:CPU executables that hold interpret-mode
+    Pallas kernels fail after a reload. JAXSERVE_EXECUTABLE_STORE=1 / 0 forces it on / off."""
+    flag = os.environ.get("JAXSERVE_EXECUTABLE_STORE")
+    return flag != "0" if flag else jax.default_backend() == "gpu"
+
+
 class EngineCore:
     def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(), mesh=None):
         self.lm = lm
@@ -139,7 +148,7 @@ class EngineCore:
         max_num_seqs = int(config.max_num_seqs or (16 if on_cpu else 256))
         max_tokens = int(config.max_num_batched_tokens or (256 if on_cpu else 2048))
         max_tokens = max(max_tokens, max_num_seqs)
-        enable_persistent_cache(config.compilation_cache_dir)
+        cache_path = enable_persistent_cache(config.compilation_cache_dir)
         kv_itemsize = np.dtype(lm.dtype).itemsize
         tp = 1 if mesh is None else mesh.shape["tp"]
         kv_shards = tp if cfg.num_kv_heads % tp == 0 else 1   # else the cache is replicated
@@ -166,7 +175,9 @@ class EngineCore:
         if config.show_progress:
             print(memory_summary(lm, usable, config.block_size, kv_itemsize, tp, kv_shards,
                                  self.max_model_len, max_num_seqs), file=sys.stderr, flush=True)
-        self.runner.warmup(progress=config.show_progress)
+        store = (os.path.join(cache_path, "jaxserve-executables")
+                 if cache_path and _executable_store_enabled() else None)
+        self.runner.warmup(progress=config.show_progress, store_dir=store)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
             and self.tokenizer.eos_token_id is not None else set())))

@@ -122,8 +122,12 @@ class ModelRunner:
                 # NOTE: a decode step is one executable, forward and sampler together, per
                 # sampler mode: one launch (and, under tp, one rendezvous of the launch threads)
                 # fewer per step than forward + sampler called one after the other.
+                # The modes share one jitted forward called inside each: JAX traces it once per
+                # bucket instead of once per (bucket, mode) (start-up time; same programs).
+                forward = jax.jit(functools.partial(self._forward_fn, backend=decode_backend),
+                                  static_argnames=("t", "s"))
                 self._decode_sample = {m: jax.jit(
-                    functools.partial(self._decode_sample_fn, backend=decode_backend, mode=m),
+                    functools.partial(self._decode_sample_fn, forward=forward, mode=m),
                     donate_argnums=(1, 3), static_argnames=("t", "s")) for m in SAMPLER_MODES}
             floor = min(self._decode_row_floor(tp), max_num_seqs, max_num_batched_tokens)
             self.decode_buckets = sorted({(max(s, floor),) * 2 for _, s in all_buckets})
@@ -187,11 +191,10 @@ class ModelRunner:
         return pack_result(tokens, lp, top_ids, top_lp), sstate
 
     def _decode_sample_fn(self, params, kv, packed, sstate, sampling, *, t: int, s: int,
-                          backend: AttentionBackend, mode: str):
+                          forward, mode: str):
         """A decode step and its sampler as one executable: (packed result, KV cache, sampler
-        state)."""
-        logits, kv = self._forward_fn(params, kv, packed, sstate.last_token, t=t, s=s,
-                                      backend=backend)
+        state). `forward` is `_forward_fn` with the decode backend bound."""
+        logits, kv = forward(params, kv, packed, sstate.last_token, t=t, s=s)
         result, sstate = self._sample_fn(logits, sstate, sampling, mode=mode)
         return result, kv, sstate
 
@@ -241,36 +244,62 @@ class ModelRunner:
                 work.append((("sample", m, s), self._sample[m], (logits, self.sampler_state, st), {}))
         return work
 
-    def warmup(self, progress: bool = True, compile_threads: int | None = None) -> None:
+    def _store_description(self) -> str:
+        """Everything about this runner that shapes its executables beyond their arguments (for
+        the executable store's fingerprint)."""
+        backend = getattr(self.backend, "__dict__", {})
+        return repr([self.cfg, self.block_size, self.max_num_seqs, self.max_blocks_per_seq,
+                     str(self.kv_dtype), self.buckets, self.decode_buckets, self.sample_sizes,
+                     None if self.mesh is None else (dict(self.mesh.shape), self.mesh.devices.tolist()),
+                     self._tp_specs, type(self.backend).__name__, sorted(backend.items(), key=str),
+                     sorted(self._decode_sample), self.compiler_options()])
+
+    def _devices(self) -> list:
+        if self.mesh is not None:
+            return list(self.mesh.devices.flat)
+        return sorted(self.params[0].sharding.device_set, key=lambda d: d.id)
+
+    def warmup(self, progress: bool = True, compile_threads: int | None = None,
+               store_dir: str | None = None) -> None:
         """Compile every executable a step can need, then run each once on padding.
 
         Tracing and lowering are Python (serial); XLA compiles release the GIL, so they run on a
-        thread pool. Steps then dispatch these executables directly: serving cannot compile.
+        thread pool while the next executables are lowered. With `store_dir`, compiled
+        executables are loaded from / saved to an `ExecutableStore` there (a warm start then
+        neither traces nor lowers them). Steps then dispatch these executables directly: serving
+        cannot compile.
         """
         work = self._warmup_work()
+        store = None
+        if store_dir:
+            from jaxserve.runner.exec_store import ExecutableStore
+            store = ExecutableStore(store_dir, self._store_description(), self._devices())
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=2 * len(work), desc="compiling step executables", unit="step",
                        file=sys.stderr)
-        t0 = time.perf_counter()
-        lowered = []
-        for key, fn, args, static in work:
-            lowered.append((key, fn.lower(*args, **static)))
-            if bar is not None:
-                bar.update()
-        t1 = time.perf_counter()
         threads = (compile_threads or int(os.environ.get("JAXSERVE_COMPILE_THREADS", "0"))
                    or max(1, min(8, (os.cpu_count() or 1) // 2)))
-
-        options = self.compiler_options()
-
-        def compile_one(item):
-            key, low = item
-            return key, low.compile(compiler_options=options or None)
-
+        options = self.compiler_options() or None
+        t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for key, exe in pool.map(compile_one, lowered):
+            # each executable compiles (or loads from the persistent cache) while the next ones
+            # are traced and lowered
+            pending = []
+            for key, fn, args, static in work:
+                exe = store.load(key, args, static) if store is not None else None
+                if exe is None:
+                    exe = pool.submit(fn.lower(*args, **static).compile, options)
+                pending.append((key, args, static, exe))
+                if bar is not None:
+                    bar.update()
+            t1 = time.perf_counter()
+            for key, args, static, exe in pending:
+                if isinstance(exe, concurrent.futures.Future):
+                    exe = exe.result()
+                    if store is not None:
+                        store.save(key, args, static, exe)
                 self._exec[key] = exe
                 if bar is not None:
                     bar.update()
@@ -297,9 +326,11 @@ class ModelRunner:
             self.sampler_state = self._fill_slots(self.sampler_state, np.arange(r, dtype=np.int32),
                                                   entries)
         jax.block_until_ready((self.kv, self.sampler_state))
-        self.warmup_seconds = {"trace_lower": t1 - t0, "compile": t2 - t1,
+        self.warmup_seconds = {"trace_lower": t1 - t0, "compile_after": t2 - t1,
                                "first_run": time.perf_counter() - t2, "executables": len(work),
-                               "compile_threads": threads}
+                               "compile_threads": threads,
+                               "loaded": 0 if store is None else store.loaded,
+                               "saved": 0 if store is None else store.saved}
         self.compile_counter.mark_warm()
 
     # -- slots ----------------------------------------------------------------------------------

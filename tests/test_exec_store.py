@@ -1,0 +1,105 @@
+"""The executable store: a warm start loads every compiled step executable instead of tracing and
+lowering it, gives the same tokens, and starts afresh when anything that shapes the programs
+changes."""
+
+import glob
+import os
+
+import jax
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.runner.compile import total_compiles
+from tests.engine_fixtures import tiny_loaded
+
+STORE = "jaxserve-executables"
+
+
+def _build(cache_dir, backend="reference"):
+    return LLM(tiny_loaded(), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
+               block_size=4, num_kv_blocks=32, attention_backend=backend,
+               compilation_cache_dir=str(cache_dir), show_progress=False)
+
+
+def _outputs(llm):
+    prompts = [{"prompt_token_ids": [3, 4, 5]}, {"prompt_token_ids": list(range(10, 31))}]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=8, ignore_eos=True,
+                             logprobs=2)]
+    outs = []
+    for sp in params:   # greedy, then seeded top-p with logprobs (the "full" sampler)
+        for o in llm.generate(prompts, sp, use_tqdm=False):
+            c = o.outputs[0]
+            outs.append((c.token_ids, None if c.logprobs is None else
+                         [sorted((t, round(x.logprob, 5)) for t, x in d.items()) for d in c.logprobs]))
+    return outs
+
+
+def _files(cache_dir):
+    return glob.glob(os.path.join(str(cache_dir), STORE, "*", "*.exe"))
+
+
+@pytest.fixture(autouse=True)
+def _store_on(monkeypatch):
+    # on by default only on GPUs; the CPU's jnp-attention executables reload fine
+    monkeypatch.setenv("JAXSERVE_EXECUTABLE_STORE", "1")
+
+
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("pallas", marks=pytest.mark.skipif(
+        jax.default_backend() != "gpu",
+        reason="GPU only: XLA:CPU executables holding interpret-mode Pallas kernels fail after a "
+               "reload, so the store is off on the CPU for them"))])
+def test_warm_start_loads_every_executable_and_lowers_none(tmp_path, backend):
+    first = _build(tmp_path, backend)
+    ws = first.engine.runner.warmup_seconds
+    assert ws["loaded"] == 0 and ws["saved"] == ws["executables"] > 0
+    assert len(_files(tmp_path)) == ws["executables"]
+    want = _outputs(first)
+    first.shutdown()
+
+    before = total_compiles()
+    second = _build(tmp_path, backend)
+    ws2 = second.engine.runner.warmup_seconds
+    assert ws2["loaded"] == ws2["executables"] == ws["executables"] and ws2["saved"] == 0
+    # lowerings during the second start-up: only the small slot-fill helper (not a step executable)
+    lowered = total_compiles() - before
+    assert lowered <= 2, lowered
+    assert _outputs(second) == want
+    assert second.get_stats()["compiles_after_warmup"] == 0
+    second.shutdown()
+
+
+def test_store_starts_afresh_when_the_environment_changes(tmp_path, monkeypatch):
+    _build(tmp_path).shutdown()
+    n = len(_files(tmp_path))
+    monkeypatch.setenv("JAXSERVE_TEST_STORE_KEY", "1")   # any JAXSERVE_* variable is in the key
+    llm = _build(tmp_path)
+    ws = llm.engine.runner.warmup_seconds
+    assert ws["loaded"] == 0 and ws["saved"] == ws["executables"]
+    assert len(_files(tmp_path)) == 2 * n
+    llm.shutdown()
+
+
+def test_unreadable_entries_are_compiled_instead(tmp_path):
+    first = _build(tmp_path)
+    want = _outputs(first)
+    first.shutdown()
+    files = _files(tmp_path)
+    for path in files:   # (every one: XLA:CPU can fail to run reloaded and fresh executables mixed)
+        with open(path, "wb") as f:
+            f.write(b"not an executable")
+    with pytest.warns(RuntimeWarning, match="executable store"):
+        llm = _build(tmp_path)
+    ws = llm.engine.runner.warmup_seconds
+    assert ws["loaded"] == 0 and ws["saved"] == ws["executables"] == len(files)
+    assert _outputs(llm) == want
+    llm.shutdown()
+
+
+def test_store_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_EXECUTABLE_STORE", "0")
+    llm = _build(tmp_path)
+    assert llm.engine.runner.warmup_seconds["saved"] == 0 and not _files(tmp_path)
+    llm.shutdown()
