@@ -6,6 +6,7 @@ import glob
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -16,6 +17,12 @@ STORE = "jaxserve-executables"
 
 
 def _build(cache_dir, backend="reference"):
+    if backend == "pallas-mosaic":   # bf16, 128-wide heads, 16-token pages: Mosaic GPU prefill
+        lm = tiny_loaded(dtype=jnp.bfloat16, hidden_size=256, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128)
+        return LLM(lm, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+                   block_size=16, num_kv_blocks=32, attention_backend="pallas",
+                   compilation_cache_dir=str(cache_dir), show_progress=False)
     return LLM(tiny_loaded(), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
                block_size=4, num_kv_blocks=32, attention_backend=backend,
                compilation_cache_dir=str(cache_dir), show_progress=False)
@@ -45,12 +52,15 @@ def _store_on(monkeypatch):
     monkeypatch.setenv("JAXSERVE_EXECUTABLE_STORE", "1")
 
 
+_GPU_ONLY = pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="GPU only: XLA:CPU executables holding interpret-mode Pallas kernels fail after a "
+           "reload, so the store is off on the CPU for them")
+
+
 @pytest.mark.parametrize("backend", [
-    "reference",
-    pytest.param("pallas", marks=pytest.mark.skipif(
-        jax.default_backend() != "gpu",
-        reason="GPU only: XLA:CPU executables holding interpret-mode Pallas kernels fail after a "
-               "reload, so the store is off on the CPU for them"))])
+    "reference", pytest.param("pallas", marks=_GPU_ONLY),
+    pytest.param("pallas-mosaic", marks=_GPU_ONLY)])
 def test_warm_start_loads_every_executable_and_lowers_none(tmp_path, backend):
     first = _build(tmp_path, backend)
     ws = first.engine.runner.warmup_seconds

@@ -78,15 +78,20 @@ class ExecutableStore:
                  repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))]
         self.fingerprint = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
         self.dir = os.path.join(root, self.fingerprint)
-        self.loaded = self.saved = 0
+        self.saved = 0
         self._warned = False
+        if backend.platform in ("gpu", "cuda", "rocm"):
+            try:   # sets the path Mosaic GPU kernels' host code needs when an executable is loaded
+                importlib.import_module("jax.experimental.mosaic.gpu")
+            except ImportError:
+                pass
 
     def _path(self, key: tuple, args, static: dict) -> str:
         name = hashlib.sha256((repr(key) + _describe_args(args, static)).encode()).hexdigest()[:40]
         return os.path.join(self.dir, name + ".exe")
 
     def load(self, key: tuple, args, static: dict):
-        """The stored executable for this key and these arguments, or None."""
+        """The stored executable for this key and these arguments, or None (thread-safe)."""
         path = self._path(key, args, static)
         if not os.path.exists(path):
             return None
@@ -99,7 +104,6 @@ class ExecutableStore:
         except Exception as e:  # noqa: BLE001 - a bad entry costs a compile, never a failure
             self._warn(f"could not load {path} ({type(e).__name__}: {e}); compiling instead")
             return None
-        self.loaded += 1
         return exe
 
     def save(self, key: tuple, args, static: dict, compiled) -> bool:

@@ -284,11 +284,14 @@ class ModelRunner:
         options = self.compiler_options() or None
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            # each executable compiles (or loads from the persistent cache) while the next ones
-            # are traced and lowered
-            pending = []
-            for key, fn, args, static in work:
-                exe = store.load(key, args, static) if store is not None else None
+            # stored executables load on the pool; the others compile there (or come from XLA's
+            # persistent cache) while the next ones are traced and lowered here
+            loads = [None if store is None else pool.submit(store.load, key, args, static)
+                     for key, _, args, static in work]
+            pending, loaded = [], 0
+            for (key, fn, args, static), load in zip(work, loads):
+                exe = None if load is None else load.result()
+                loaded += exe is not None
                 if exe is None:
                     exe = pool.submit(fn.lower(*args, **static).compile, options)
                 pending.append((key, args, static, exe))
@@ -329,7 +332,7 @@ class ModelRunner:
         self.warmup_seconds = {"trace_lower": t1 - t0, "compile_after": t2 - t1,
                                "first_run": time.perf_counter() - t2, "executables": len(work),
                                "compile_threads": threads,
-                               "loaded": 0 if store is None else store.loaded,
+                               "loaded": loaded,
                                "saved": 0 if store is None else store.saved}
         self.compile_counter.mark_warm()
 
