@@ -113,3 +113,18 @@ def test_store_can_be_turned_off(tmp_path, monkeypatch):
     llm = _build(tmp_path)
     assert llm.engine.runner.warmup_seconds["saved"] == 0 and not _files(tmp_path)
     llm.shutdown()
+
+
+def test_only_the_most_recent_fingerprints_are_kept(tmp_path, monkeypatch):
+    from jaxserve.runner import exec_store
+    monkeypatch.setattr(exec_store, "_KEEP", 2)
+    dirs = []
+    for i in range(3):
+        monkeypatch.setenv("JAXSERVE_TEST_STORE_KEY", str(i))
+        llm = _build(tmp_path)
+        dirs.append(os.path.dirname(_files(tmp_path)[0]) if i == 0 else
+                    next(d for d in glob.glob(os.path.join(str(tmp_path), STORE, "*"))
+                         if d not in dirs))
+        llm.shutdown()
+    left = sorted(glob.glob(os.path.join(str(tmp_path), STORE, "*")))
+    assert left == sorted(dirs[1:])   # the oldest fingerprint is gone, the last two stay

@@ -16,7 +16,9 @@ a fingerprint of everything that shapes them:
 
 Anything the store cannot load (missing, written by another fingerprint, unreadable, or an
 executable the backend cannot serialize) is lowered and compiled as usual; the store only ever
-saves time. Files are written atomically (temporary file, then rename).
+saves time. Files are written atomically (temporary file, then rename). Entries are pickles, to
+be trusted like the XLA cache beside them. Only the `_KEEP` most recently used fingerprints are
+kept (each code or configuration change adds one, ~80 MB for an 8B model's 50 executables).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import warnings
 import jax
 
 _FORMAT = 1
+_KEEP = 4
 _ENV_PREFIXES = ("JAXSERVE_", "XLA_FLAGS", "XLA_PYTHON_CLIENT_")
 _SOURCE_PACKAGES = ("jaxserve", "pallas_kernels")
 
@@ -80,11 +83,26 @@ class ExecutableStore:
         self.dir = os.path.join(root, self.fingerprint)
         self.saved = 0
         self._warned = False
+        self._prune(root)
         if backend.platform in ("gpu", "cuda", "rocm"):
             try:   # sets the path Mosaic GPU kernels' host code needs when an executable is loaded
                 importlib.import_module("jax.experimental.mosaic.gpu")
             except ImportError:
                 pass
+
+    def _prune(self, root: str) -> None:
+        """Mark this fingerprint as used now; delete all but the `_KEEP` most recently used."""
+        import shutil
+        try:
+            if os.path.isdir(self.dir):
+                os.utime(self.dir)
+            dirs = [os.path.join(root, d) for d in os.listdir(root)]
+        except OSError:
+            return
+        dirs = sorted((d for d in dirs if os.path.isdir(d) and d != self.dir),
+                      key=os.path.getmtime, reverse=True)
+        for d in dirs[_KEEP - 1:]:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _path(self, key: tuple, args, static: dict) -> str:
         name = hashlib.sha256((repr(key) + _describe_args(args, static)).encode()).hexdigest()[:40]
