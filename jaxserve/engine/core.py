@@ -178,6 +178,13 @@ class EngineCore:
         store = (os.path.join(cache_path, "jaxserve-executables")
                  if cache_path and _executable_store_enabled() else None)
         self.runner.warmup(progress=config.show_progress, store_dir=store)
+        if config.show_progress:
+            ws = self.runner.warmup_seconds
+            took = ws["trace_lower"] + ws["compile_after"] + ws["first_run"]
+            print(f"step executables: {ws['executables']} ready in {took:.1f}s ({ws['loaded']} "
+                  f"loaded from {store}, {ws['executables'] - ws['loaded']} compiled)" if store else
+                  f"step executables: {ws['executables']} compiled in {took:.1f}s",
+                  file=sys.stderr, flush=True)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
             and self.tokenizer.eos_token_id is not None else set())))
