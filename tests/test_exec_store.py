@@ -43,7 +43,7 @@ def _outputs(llm):
 
 
 def _files(cache_dir):
-    return glob.glob(os.path.join(str(cache_dir), STORE, "*", "*.exe"))
+    return glob.glob(os.path.join(str(cache_dir), STORE, "*", "*", "*.exe"))
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +123,27 @@ def test_only_the_most_recent_fingerprints_are_kept(tmp_path, monkeypatch):
         monkeypatch.setenv("JAXSERVE_TEST_STORE_KEY", str(i))
         llm = _build(tmp_path)
         dirs.append(os.path.dirname(_files(tmp_path)[0]) if i == 0 else
-                    next(d for d in glob.glob(os.path.join(str(tmp_path), STORE, "*"))
+                    next(d for d in glob.glob(os.path.join(str(tmp_path), STORE, "*", "*"))
                          if d not in dirs))
         llm.shutdown()
-    left = sorted(glob.glob(os.path.join(str(tmp_path), STORE, "*")))
+    left = sorted(glob.glob(os.path.join(str(tmp_path), STORE, "*", "*")))
     assert left == sorted(dirs[1:])   # the oldest fingerprint is gone, the last two stay
+
+
+def test_replicas_on_other_devices_keep_their_own_entries(tmp_path, monkeypatch):
+    # data-parallel replicas (or processes) sharing a cache directory: pruning one device set's
+    # fingerprints leaves the others' alone
+    import types
+
+    from jaxserve.runner import exec_store
+    monkeypatch.setattr(exec_store, "_KEEP", 1)
+    dev = jax.devices()[0]
+    other = types.SimpleNamespace(id=dev.id + 7, device_kind=dev.device_kind, client=dev.client)
+    stores = [exec_store.ExecutableStore(str(tmp_path), "config", [d]) for d in (dev, other)]
+    for st in stores:
+        os.makedirs(st.dir)
+    exec_store.ExecutableStore(str(tmp_path), "config", [dev])         # same slot, same key
+    newer = exec_store.ExecutableStore(str(tmp_path), "other config", [other])
+    assert os.path.isdir(stores[0].dir)                 # the first device set's entries stay
+    assert not os.path.isdir(stores[1].dir)             # the other set kept only its newest
+    assert os.path.dirname(newer.dir) == os.path.dirname(stores[1].dir) != os.path.dirname(stores[0].dir)

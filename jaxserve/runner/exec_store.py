@@ -17,8 +17,10 @@ a fingerprint of everything that shapes them:
 Anything the store cannot load (missing, written by another fingerprint, unreadable, or an
 executable the backend cannot serialize) is lowered and compiled as usual; the store only ever
 saves time. Files are written atomically (temporary file, then rename). Entries are pickles, to
-be trusted like the XLA cache beside them. Only the `_KEEP` most recently used fingerprints are
-kept (each code or configuration change adds one, ~80 MB for an 8B model's 50 executables).
+be trusted like the XLA cache beside them. Entries live in one folder per process and device set
+(`p<process>-d<device ids>/<fingerprint>/`), and only the `_KEEP` most recently used fingerprints
+of each are kept (each code or configuration change adds one, ~80 MB for an 8B model's 50
+executables).
 """
 
 from __future__ import annotations
@@ -80,10 +82,13 @@ class ExecutableStore:
                  _source_digest(), describe,
                  repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))]
         self.fingerprint = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-        self.dir = os.path.join(root, self.fingerprint)
+        # one folder per (process, devices): data-parallel replicas and the processes of a job
+        # sharing a cache directory keep (and prune) their own entries
+        slot = f"p{jax.process_index()}-d" + "-".join(str(d.id) for d in self.devices)
+        self.dir = os.path.join(root, slot, self.fingerprint)
         self.saved = 0
         self._warned = False
-        self._prune(root)
+        self._prune(os.path.join(root, slot))
         if backend.platform in ("gpu", "cuda", "rocm"):
             try:   # sets the path Mosaic GPU kernels' host code needs when an executable is loaded
                 importlib.import_module("jax.experimental.mosaic.gpu")
@@ -94,6 +99,7 @@ class ExecutableStore:
         """Mark this fingerprint as used now; delete all but the `_KEEP` most recently used."""
         import shutil
         try:
+            os.makedirs(root, exist_ok=True)
             if os.path.isdir(self.dir):
                 os.utime(self.dir)
             dirs = [os.path.join(root, d) for d in os.listdir(root)]
