@@ -27,6 +27,7 @@ from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.outputs import CompletionOutput, InvalidRequestError, Logprob, RequestOutput
 from jaxserve.kv_cache.manager import KVCacheManager
 from jaxserve.loading import LoadedModel
+from jaxserve.runner import exec_store
 from jaxserve.runner.compile import enable_persistent_cache
 from jaxserve.runner.model_runner import ModelRunner, Sampled
 from jaxserve.sampling.params import SamplingParams
@@ -128,14 +129,6 @@ class _Group:
         return all(s.finish_reason is not None for s in self.samples)
 
 
-def _executable_store_enabled() -> bool:
-    """Compiled step executables are kept next to XLA's cache on GPUs (a warm start skips
-    tracing and lowering). Not on the CPU by default: XLA:CPU executables that hold interpret-mode
-    Pallas kernels fail after a reload. JAXSERVE_EXECUTABLE_STORE=1 / 0 forces it on / off."""
-    flag = os.environ.get("JAXSERVE_EXECUTABLE_STORE")
-    return flag != "0" if flag else jax.default_backend() == "gpu"
-
-
 class EngineCore:
     def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(), mesh=None):
         self.lm = lm
@@ -175,8 +168,9 @@ class EngineCore:
         if config.show_progress:
             print(memory_summary(lm, usable, config.block_size, kv_itemsize, tp, kv_shards,
                                  self.max_model_len, max_num_seqs), file=sys.stderr, flush=True)
+        # compiled executables next to XLA's cache (a warm start neither traces nor lowers)
         store = (os.path.join(cache_path, "jaxserve-executables")
-                 if cache_path and _executable_store_enabled() else None)
+                 if cache_path and exec_store.enabled() else None)
         self.runner.warmup(progress=config.show_progress, store_dir=store)
         if config.show_progress:
             ws = self.runner.warmup_seconds

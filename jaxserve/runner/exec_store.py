@@ -34,6 +34,14 @@ import warnings
 
 import jax
 
+def enabled() -> bool:
+    """Whether engines keep their compiled step executables: on GPUs by default. Not on the CPU:
+    XLA:CPU executables that hold interpret-mode Pallas kernels fail after a reload.
+    JAXSERVE_EXECUTABLE_STORE=1 / 0 forces it on / off."""
+    flag = os.environ.get("JAXSERVE_EXECUTABLE_STORE")
+    return flag != "0" if flag else jax.default_backend() == "gpu"
+
+
 _FORMAT = 1
 _KEEP = 4
 _ENV_PREFIXES = ("JAXSERVE_", "XLA_FLAGS", "XLA_PYTHON_CLIENT_")
@@ -110,13 +118,13 @@ class ExecutableStore:
         for d in dirs[_KEEP - 1:]:
             shutil.rmtree(d, ignore_errors=True)
 
-    def _path(self, key: tuple, args, static: dict) -> str:
+    def path(self, key: tuple, args, static: dict) -> str:
+        """The file of the executable for this key, these arguments and static arguments."""
         name = hashlib.sha256((repr(key) + _describe_args(args, static)).encode()).hexdigest()[:40]
         return os.path.join(self.dir, name + ".exe")
 
-    def load(self, key: tuple, args, static: dict):
-        """The stored executable for this key and these arguments, or None (thread-safe)."""
-        path = self._path(key, args, static)
+    def load(self, path: str):
+        """The executable stored at `path` (from `path()`), or None (thread-safe)."""
         if not os.path.exists(path):
             return None
         from jax.experimental.serialize_executable import deserialize_and_load
@@ -130,7 +138,7 @@ class ExecutableStore:
             return None
         return exe
 
-    def save(self, key: tuple, args, static: dict, compiled) -> bool:
+    def save(self, path: str, compiled) -> bool:
         from jax.experimental.serialize_executable import serialize
         try:
             data = pickle.dumps(serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
@@ -141,7 +149,7 @@ class ExecutableStore:
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, self._path(key, args, static))
+            os.replace(tmp, path)
         except OSError as e:
             self._warn(f"could not write to {self.dir} ({e})")
             return False

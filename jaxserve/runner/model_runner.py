@@ -286,23 +286,24 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             # stored executables load on the pool; the others compile there (or come from XLA's
             # persistent cache) while the next ones are traced and lowered here
-            loads = [None if store is None else pool.submit(store.load, key, args, static)
+            paths = [None if store is None else store.path(key, args, static)
                      for key, _, args, static in work]
+            loads = [None if p is None else pool.submit(store.load, p) for p in paths]
             pending, loaded = [], 0
-            for (key, fn, args, static), load in zip(work, loads):
+            for (key, fn, args, static), path, load in zip(work, paths, loads):
                 exe = None if load is None else load.result()
                 loaded += exe is not None
                 if exe is None:
                     exe = pool.submit(fn.lower(*args, **static).compile, options)
-                pending.append((key, args, static, exe))
+                pending.append((key, path, exe))
                 if bar is not None:
                     bar.update()
             t1 = time.perf_counter()
-            for key, args, static, exe in pending:
+            for key, path, exe in pending:
                 if isinstance(exe, concurrent.futures.Future):
                     exe = exe.result()
                     if store is not None:
-                        store.save(key, args, static, exe)
+                        store.save(path, exe)
                 self._exec[key] = exe
                 if bar is not None:
                     bar.update()
