@@ -56,14 +56,23 @@ class TensorParallel:
         return jax.lax.all_gather(x, self.axis, axis=axis, tiled=True)
 
 
-def peer_all_reduce_wanted(mesh) -> bool:
-    """The peer all-reduce serves a mesh of GPUs all in this process (JAXSERVE_PEER_ALL_REDUCE=0
-    turns it off; =1 insists, raising if the GPUs have no peer access)."""
+def peer_all_reduce_mode(mesh) -> str:
+    """"auto" where the peer all-reduce can serve `mesh` (tp > 1 over GPUs all in this process),
+    "off" elsewhere or with JAXSERVE_PEER_ALL_REDUCE=0; "on" with JAXSERVE_PEER_ALL_REDUCE=1
+    (then GPUs without peer access are an error instead of a fallback to XLA's collectives)."""
     flag = os.environ.get("JAXSERVE_PEER_ALL_REDUCE", "auto")
     if flag == "0" or mesh is None or mesh.shape.get("tp", 1) < 2:
-        return False
+        return "off"
     devices = list(mesh.devices.flat)
-    return all(d.platform == "gpu" and d.process_index == jax.process_index() for d in devices)
+    if not all(d.platform == "gpu" and d.process_index == jax.process_index() for d in devices):
+        return "off"
+    return "on" if flag == "1" else "auto"
+
+
+def peer_buffer_bytes(num_ranks: int, max_tokens: int, hidden: int, itemsize: int) -> int:
+    """Device memory one GPU's comm buffer takes (for the memory plan)."""
+    from pallas_kernels.peer_all_reduce import comm_buffer_bytes
+    return comm_buffer_bytes(num_ranks, max_tokens * hidden * itemsize)
 
 
 class PeerBuffers:

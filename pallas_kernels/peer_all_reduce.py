@@ -37,16 +37,25 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-GRID = 32            # programs per call (fixed: a chunk always belongs to the same program)
-BLOCK = 2048         # elements per chunk
+# programs per call (fixed for the process: a chunk always belongs to the same program) and
+# elements per chunk. 2 x H100, 57 all-reduces of [64, 3584] bf16 per call (device time each):
+# 32 x 2048 10.6 us, 64 x 2048 8.6, 128 x 1024 8.4, 128 x 2048 8.0; of [2, 3584]: 5.0-6.0 us for
+# all (docs/benchmarks.md). JAXSERVE_PEER_GRID / JAXSERVE_PEER_BLOCK override them (experiments).
+GRID = int(os.environ.get("JAXSERVE_PEER_GRID", "128"))
+BLOCK = int(os.environ.get("JAXSERVE_PEER_BLOCK", "1024"))
 FLAGS_AT = 4096
 RECV_AT = 65536
 MAX_RANKS = 8
+if not (GRID * 4 <= FLAGS_AT and FLAGS_AT + 2 * MAX_RANKS * GRID * 4 <= RECV_AT
+        and BLOCK & (BLOCK - 1) == 0):
+    raise ValueError(f"peer_all_reduce: GRID={GRID} does not fit the comm buffer layout or "
+                     f"BLOCK={BLOCK} is not a power of two")
 
 
 def comm_buffer_bytes(num_ranks: int, capacity_bytes: int) -> int:

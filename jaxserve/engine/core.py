@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxserve.collectives import peer_all_reduce_mode, peer_buffer_bytes
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.outputs import CompletionOutput, InvalidRequestError, Logprob, RequestOutput
 from jaxserve.kv_cache.manager import KVCacheManager
@@ -61,8 +62,9 @@ class EngineConfig:
 
 
 def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_num_seqs: int,
-                    kv_itemsize: int, kv_shards: int = 1) -> int:
-    """Usable KV pages: explicit, or from free device memory x gpu_memory_utilization."""
+                    kv_itemsize: int, kv_shards: int = 1, other_bytes: int = 0) -> int:
+    """Usable KV pages: explicit, or from free device memory x gpu_memory_utilization, less
+    `other_bytes` that the runner allocates besides the cache (tp comm buffers)."""
     if ec.num_kv_blocks is not None:
         return int(ec.num_kv_blocks)
     per_block = ec.block_size * lm.config.kv_bytes_per_token(kv_itemsize) // kv_shards  # per device
@@ -71,7 +73,7 @@ def plan_num_blocks(lm: LoadedModel, ec: EngineConfig, max_model_len: int, max_n
         sampler = max_num_seqs * lm.config.vocab_size * 10
         reserve = 1 << 30  # activations and workspace of the largest bucket
         budget = stats["bytes_limit"] * ec.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        n = max(int((budget - sampler - reserve) // per_block), 0)
+        n = max(int((budget - sampler - reserve - other_bytes) // per_block), 0)
         if jax.process_count() > 1:   # every process must allocate the same global cache
             from jax.experimental import multihost_utils
             n = int(np.min(multihost_utils.process_allgather(np.int64(n))))
@@ -145,7 +147,12 @@ class EngineCore:
         kv_itemsize = np.dtype(lm.dtype).itemsize
         tp = 1 if mesh is None else mesh.shape["tp"]
         kv_shards = tp if cfg.num_kv_heads % tp == 0 else 1   # else the cache is replicated
-        usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize, kv_shards)
+        comm = 0
+        if (tp > 1 and cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0
+                and peer_all_reduce_mode(mesh) != "off"):
+            comm = peer_buffer_bytes(tp, max_tokens, cfg.hidden_size, kv_itemsize)
+        usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize,
+                                 kv_shards, other_bytes=comm)
         backend = config.attention_backend
         if tp > 1:
             # NOTE: when tp splits q and kv heads the runner runs the whole forward per shard

@@ -9,11 +9,12 @@ Weights keep an explicit head layout (fused q/k/v [D, K, G+2, H], o [N, H, D]) s
 can name the head axis; the loaders convert and fuse Hugging Face's [out, in] matrices once at load
 time (`hf_weight_map`).
 
-Tensor parallelism (Megatron style): called inside `jax.shard_map` with `tp_axis` set, every
-module sees its local shard of the weights and adds the collectives itself: a psum after the row-
-parallel o and down projections, a masked lookup + psum for a vocab-split embedding, an all-gather
-of vocab-split logits. Whether a weight is split is read from its local shape, so the same code
-runs unsplit (tp_axis=None, or a dimension the rules replicate).
+Tensor parallelism (Megatron style): called inside `jax.shard_map` with `tp` set (a
+`jaxserve.collectives.TensorParallel`), every module sees its local shard of the weights and adds
+the collectives itself: an all-reduce (`tp.psum`) after the row-parallel o and down projections, a
+masked lookup + all-reduce for a vocab-split embedding, an all-gather of vocab-split logits.
+Whether a weight is split is read from its local shape, so the same code runs unsplit (tp=None, or
+a dimension the rules replicate).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from flax import nnx
 
 from jaxserve.attention import (AttentionBackend, AttentionMetadata, AttentionSpec, LayerCache,
                                 split_qkv)
+from jaxserve.collectives import TensorParallel
 from jaxserve.config import ModelConfig, RopeConfig
 
 Array = jax.Array
 
 
-def _psum_if(x: Array, split: bool, tp_axis: str | None) -> Array:
-    return jax.lax.psum(x, tp_axis) if (tp_axis is not None and split) else x
+def _psum_if(x: Array, split: bool, tp: TensorParallel | None) -> Array:
+    return tp.psum(x) if (tp is not None and split) else x
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> Array:
@@ -127,7 +129,8 @@ class Attention(nnx.Module):
         self.spec = AttentionSpec(scale=h ** -0.5, sliding_window=cfg.sliding_window)
 
     def __call__(self, x: Array, positions: Array, cache: LayerCache, meta: AttentionMetadata,
-                 backend: AttentionBackend, tp_axis: str | None = None) -> tuple[Array, LayerCache]:
+                 backend: AttentionBackend, tp: TensorParallel | None = None
+                 ) -> tuple[Array, LayerCache]:
         qkv = jnp.einsum("TD,DKCH->TKCH", x, self.wqkv[...])
         if self.qkv_bias:
             qkv = qkv + self.bqkv[...]
@@ -138,7 +141,7 @@ class Attention(nnx.Module):
         else:
             out, cache = backend(*split_qkv(qkv), cache, meta, positions, self.spec)   # [T, N, H]
         y = jnp.einsum("TNH,NHD->TD", out, self.wo[...])
-        return _psum_if(y, self.wo[...].shape[0] < self.num_heads, tp_axis), cache
+        return _psum_if(y, self.wo[...].shape[0] < self.num_heads, tp), cache
 
 
     def _norm_rope(self, qkv: Array, positions: Array) -> Array:
@@ -164,10 +167,10 @@ class MLP(nnx.Module):
         self.w_down = nnx.Param(_normal(rngs, (f, d), dtype))        # FD
         self.intermediate_size = f
 
-    def __call__(self, x: Array, tp_axis: str | None = None) -> Array:  # [T, D] -> [T, D]
+    def __call__(self, x: Array, tp: TensorParallel | None = None) -> Array:  # [T, D] -> [T, D]
         gate_up = jnp.einsum("TD,DCF->TCF", x, self.w_gate_up[...])
         y = jnp.einsum("TF,FD->TD", jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.w_down[...])
-        return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp_axis)
+        return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp)
 
 
 class DecoderLayer(nnx.Module):
@@ -177,21 +180,21 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, residual, positions, cache, meta, backend, tp_axis=None):
+    def __call__(self, h, residual, positions, cache, meta, backend, tp=None):
         """h: the previous block's output, residual: the stream before it ([T, D] each). Returns
         this layer's MLP output and the residual stream before it: the add is done by the next
         norm (`add_norm`), so it fuses with it."""
         x, residual = self.input_norm.add_norm(h, residual)
-        a, cache = self.attn(x, positions, cache, meta, backend, tp_axis)
+        a, cache = self.attn(x, positions, cache, meta, backend, tp)
         x, residual = self.post_attn_norm.add_norm(a, residual)
-        return self.mlp(x, tp_axis), residual, cache
+        return self.mlp(x, tp), residual, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _run_layer(graphdef, state, h, residual, positions, cache, meta, backend, tp_axis):
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _run_layer(graphdef, state, h, residual, positions, cache, meta, backend, tp):
     # NOTE: every layer has the same structure and shapes, so this is traced and lowered once per
     # step shape and called L times (XLA inlines the calls): start-up traces one layer, not L.
-    return nnx.merge(graphdef, state)(h, residual, positions, cache, meta, backend, tp_axis)
+    return nnx.merge(graphdef, state)(h, residual, positions, cache, meta, backend, tp)
 
 
 class CausalLM(nnx.Module):
@@ -217,16 +220,16 @@ class CausalLM(nnx.Module):
         kv_caches: list[LayerCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
-        tp_axis: str | None = None,
+        tp: TensorParallel | None = None,
     ) -> tuple[Array, list[LayerCache]]:  # hidden [T, D], updated caches
         table = self.embed[...]
-        if tp_axis is not None and table.shape[0] < self.config.vocab_size:
+        if tp is not None and table.shape[0] < self.config.vocab_size:
             # vocab-split embedding: each shard looks up the ids in its range, the psum adds them
             rows = table.shape[0]
-            local = input_ids - jax.lax.axis_index(tp_axis) * rows
+            local = input_ids - tp.index() * rows
             mine = (local >= 0) & (local < rows)
             x = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], 0).astype(table.dtype)
-            x = jax.lax.psum(x, tp_axis)
+            x = tp.psum(x)
         else:
             x = table[input_ids]
         new_caches = []
@@ -234,14 +237,14 @@ class CausalLM(nnx.Module):
         for layer, cache in zip(self.layers, kv_caches):
             graphdef, state = nnx.split(layer)
             h, residual, cache = _run_layer(graphdef, state, h, residual, positions, cache, meta,
-                                            backend, tp_axis)
+                                            backend, tp)
             new_caches.append(cache)
         return self.norm.add_norm(h, residual)[0], new_caches
 
-    def compute_logits(self, hidden: Array, tp_axis: str | None = None) -> Array:
+    def compute_logits(self, hidden: Array, tp: TensorParallel | None = None) -> Array:
         """[S, D] -> [S, V] float32 (vocab-split heads are gathered whole)."""
         w = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("SD,VD->SV", hidden, w, preferred_element_type=jnp.float32)
-        if tp_axis is not None and w.shape[0] < self.config.vocab_size:
-            logits = jax.lax.all_gather(logits, tp_axis, axis=1, tiled=True)
+        if tp is not None and w.shape[0] < self.config.vocab_size:
+            logits = tp.all_gather(logits, axis=1)
         return logits

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.attention import AttentionBackend, build_metadata, get_backend
+from jaxserve.collectives import PeerAccessError, PeerBuffers, TensorParallel, peer_all_reduce_mode
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache.cache import allocate_kv_cache
 from jaxserve.models.layers import CausalLM
@@ -96,7 +97,15 @@ class ModelRunner:
         # splits both q and kv heads; otherwise XLA's sharding propagation partitions the step.
         self.mesh, self._tp_specs = mesh, None
         tp = 1 if mesh is None else mesh.shape["tp"]
+        self._num_weights = len(self.params)
+        self.peer_buffers = None
         if tp > 1 and self.cfg.num_heads % tp == 0 and self.cfg.num_kv_heads % tp == 0:
+            self.peer_buffers = self._peer_buffers(mesh, max(max_num_batched_tokens, max_num_seqs),
+                                                   np.dtype(model.embed[...].dtype).itemsize)
+            if self.peer_buffers is not None:
+                # NOTE: the comm table rides at the end of the executables' first argument (the
+                # flat weights): one more per-device array, no new argument anywhere.
+                self.params = self.params + [self.peer_buffers.table]
             self._tp_specs = ([a.sharding.spec for a in self.params],
                               [(kv_sharding.spec,) * 2 for _ in range(self.cfg.num_layers)])
         self.kv = allocate_kv_cache(self.cfg, num_blocks, block_size, self.kv_dtype, sharding=kv_sharding)
@@ -162,10 +171,15 @@ class ModelRunner:
         # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
         input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
 
-        def body(params, kv, input_ids, positions, meta, logits_indices, tp_axis=None):
-            model = nnx.merge(self.graphdef, jax.tree.unflatten(self.param_tree, params))
-            hidden, kv = model(input_ids, positions, kv, meta, backend, tp_axis)
-            return model.compute_logits(hidden[logits_indices], tp_axis), kv
+        def body(params, kv, input_ids, positions, meta, logits_indices, tp=False):
+            weights = params[:self._num_weights]
+            if tp:
+                tp = TensorParallel("tp", self.mesh.shape["tp"])
+                if self.peer_buffers is not None:   # this shard's row of the comm table
+                    tp = dataclasses.replace(self.peer_buffers.tp, table=params[self._num_weights])
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(self.param_tree, weights))
+            hidden, kv = model(input_ids, positions, kv, meta, backend, tp)
+            return model.compute_logits(hidden[logits_indices], tp), kv
 
         if self._tp_specs is None:
             logits, kv = body(params, kv, input_ids, positions, meta, logits_indices)
@@ -173,7 +187,7 @@ class ModelRunner:
             from jax.sharding import PartitionSpec as P
             pspecs, kvspecs = self._tp_specs
             logits, kv = jax.shard_map(
-                functools.partial(body, tp_axis="tp"), mesh=self.mesh,
+                functools.partial(body, tp=True), mesh=self.mesh,
                 in_specs=(pspecs, kvspecs, P(), P(), P(), P()), out_specs=(P(), kvspecs),
                 check_vma=False)(params, kv, input_ids, positions, meta, logits_indices)
         if self._kv_sharding is not None:
@@ -252,7 +266,8 @@ class ModelRunner:
                      str(self.kv_dtype), self.buckets, self.decode_buckets, self.sample_sizes,
                      None if self.mesh is None else (dict(self.mesh.shape), self.mesh.devices.tolist()),
                      self._tp_specs, type(self.backend).__name__, sorted(backend.items(), key=str),
-                     sorted(self._decode_sample), self.compiler_options()])
+                     sorted(self._decode_sample), self.compiler_options(),
+                     None if self.peer_buffers is None else self.peer_buffers.tp.capacity_bytes])
 
     def _devices(self) -> list:
         if self.mesh is not None:
@@ -366,6 +381,22 @@ class ModelRunner:
         slot = self._slot.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
+
+    def _peer_buffers(self, mesh, max_tokens: int, itemsize: int) -> PeerBuffers | None:
+        """Comm buffers for the peer-memory all-reduce (`jaxserve/collectives.py`) when this
+        mesh's GPUs are all in this process and can reach each other's memory; else None (XLA's
+        collectives). Sized for the largest step's [T, D] activations."""
+        mode = peer_all_reduce_mode(mesh)
+        if mode == "off":
+            return None
+        try:
+            return PeerBuffers(mesh, max_tokens * self.cfg.hidden_size * itemsize)
+        except PeerAccessError as e:
+            if mode == "on":
+                raise
+            print(f"jaxserve: peer all-reduce unavailable ({e}); using XLA's collectives",
+                  file=sys.stderr)
+            return None
 
     @staticmethod
     def _decode_row_floor(tp: int) -> int:
