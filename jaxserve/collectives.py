@@ -87,6 +87,11 @@ class PeerBuffers:
         from pallas_kernels.peer_all_reduce import comm_buffer_bytes, comm_table_row
         self.devices = list(mesh.devices.flat)
         n = len(self.devices)
+        allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default")
+        if allocator not in ("default", "bfc", "platform", ""):
+            # peer access covers memory from cuMemAlloc (XLA's BFC and platform allocators);
+            # other allocators' pools would need access granted per pool
+            raise PeerAccessError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator} is not supported")
         enable_peer_access(self.devices)
         words = comm_buffer_bytes(n, capacity_bytes) // 4
         self.buffers = []
@@ -100,6 +105,25 @@ class PeerBuffers:
         self.table = jax.device_put(rows.reshape(-1), NamedSharding(mesh, P(axis)))
         self.tp = TensorParallel(axis, n, self.table, capacity_bytes)
         self.nbytes = words * 4
+        self._self_test(mesh, axis)
+
+    def _self_test(self, mesh, axis: str) -> None:
+        """One all-reduce of known values through the buffers before any model uses them: a
+        wrong sum (memory the peers cannot really reach) is an error here, not wrong tokens."""
+        n, cap = self.tp.size, self.tp.capacity_bytes
+        rows = max(1, min(64, cap // (4 * 1024)))
+
+        def body(table):
+            tp = TensorParallel(axis, n, table.reshape(-1), cap)
+            r = jax.lax.axis_index(axis).astype(jnp.float32)
+            x = (r + 1.0) * jnp.ones((rows, 1024), jnp.float32) + jnp.arange(1024, dtype=jnp.float32)
+            return tp.psum(x)[None]
+
+        got = np.asarray(jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis),
+                                               out_specs=P(axis), check_vma=False))(self.table))
+        want = n * (n + 1) / 2 + n * np.arange(1024, dtype=np.float32)
+        if not np.array_equal(got, np.broadcast_to(want, got.shape)):
+            raise PeerAccessError("the peer all-reduce's self-test gave a wrong sum")
 
 
 # -- peer access through the CUDA driver -----------------------------------------------------------

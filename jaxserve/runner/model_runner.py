@@ -171,9 +171,9 @@ class ModelRunner:
         # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
         input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
 
-        def body(params, kv, input_ids, positions, meta, logits_indices, tp=False):
-            weights = params[:self._num_weights]
-            if tp:
+        def body(params, kv, input_ids, positions, meta, logits_indices, per_shard=False):
+            weights, tp = params[:self._num_weights], None
+            if per_shard:
                 tp = TensorParallel("tp", self.mesh.shape["tp"])
                 if self.peer_buffers is not None:   # this shard's row of the comm table
                     tp = dataclasses.replace(self.peer_buffers.tp, table=params[self._num_weights])
@@ -187,7 +187,7 @@ class ModelRunner:
             from jax.sharding import PartitionSpec as P
             pspecs, kvspecs = self._tp_specs
             logits, kv = jax.shard_map(
-                functools.partial(body, tp=True), mesh=self.mesh,
+                functools.partial(body, per_shard=True), mesh=self.mesh,
                 in_specs=(pspecs, kvspecs, P(), P(), P(), P()), out_specs=(P(), kvspecs),
                 check_vma=False)(params, kv, input_ids, positions, meta, logits_indices)
         if self._kv_sharding is not None:
