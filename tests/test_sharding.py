@@ -52,6 +52,15 @@ def test_tensor_parallel_greedy_equals_single_device(tp_results, family):
         assert ("'tp'" in r["wqkv_spec"]) == r["spmd"], mesh
 
 
+def test_peer_all_reduce_table_rides_with_the_weights(tp_results):
+    # the runner appends the comm table to the executables' weights argument and sizes the
+    # buffers for the largest step (32 tokens x hidden 64 x 4 B); tokens unchanged
+    r = tp_results["qwen2_kv4/tp=2/peer_plumbing"]
+    assert r["tokens"] == tp_results["qwen2_kv4/None"]["tokens"]
+    assert r["extra_params"] == 1 and r["compiles_after_warmup"] == 0
+    assert r["capacity_asked"] == 32 * 64 * 4
+
+
 def test_explicit_spmd_when_tp_splits_q_and_kv_heads(tp_results):
     # shard_map with collectives in the model when tp divides the kv heads; XLA partitions otherwise
     expect = {"llama_kv2/tp=2": True, "llama_kv2/tp=4": False, "qwen2_kv1/tp=2": False,

@@ -76,4 +76,34 @@ result["llama_kv2/tp=2/pallas"] = {
     "single": llm.generate(prompts[2:], sp)[0].outputs[0].token_ids,
     "decode_buckets": llm.engine.runner.decode_buckets,
     "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+# the peer all-reduce's plumbing: its kernel is GPU-only, so a stand-in for PeerBuffers gives a
+# table of the real shape with capacity 0 (every all-reduce stays XLA's psum) while the table rides
+# through every executable as the last entry of the weights argument
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jaxserve.runner.model_runner as model_runner  # noqa: E402
+from jaxserve.collectives import TensorParallel  # noqa: E402
+
+
+class _StandInPeer:
+    def __init__(self, mesh, capacity_bytes, axis="tp"):
+        n = mesh.shape[axis]
+        self.capacity_asked = capacity_bytes
+        self.table = jax.device_put(np.zeros(n * 2 * (1 + n), np.int32), NamedSharding(mesh, P(axis)))
+        self.tp = TensorParallel(axis, n, self.table, capacity_bytes=0)
+
+
+model_runner.PeerBuffers = _StandInPeer
+model_runner.peer_all_reduce_mode = lambda mesh: "auto"
+llm = LLM(tiny_loaded(seed=13, architectures=["Qwen2ForCausalLM"], num_attention_heads=8,
+                      num_key_value_heads=4, tie_word_embeddings=True, vocab_size=130),
+          mesh="tp=2", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
+          num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
+runner = llm.engine.runner
+result["qwen2_kv4/tp=2/peer_plumbing"] = {
+    "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, sp)],
+    "extra_params": len(runner.params) - runner._num_weights,
+    "capacity_asked": runner.peer_buffers.capacity_asked,
+    "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
 print("RESULT " + json.dumps(result))
