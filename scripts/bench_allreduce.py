@@ -14,7 +14,6 @@ before it), call + wait, and the time per call dispatched back to back.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,30 +24,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_launch import times_ms  # noqa: E402
 from jaxserve.collectives import PeerBuffers, TensorParallel  # noqa: E402
 
 ONE_SHOT = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True}
-
-
-def timed(f, *args, n: int = 30) -> tuple[float, float, float]:
-    jax.block_until_ready(f(*args))
-    host, whole = [], []
-    for _ in range(n):
-        jax.block_until_ready(args)
-        t0 = time.perf_counter()
-        out = f(*args)
-        t1 = time.perf_counter()
-        jax.block_until_ready(out)
-        host.append(t1 - t0)
-        whole.append(time.perf_counter() - t0)
-    runs = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - t0) / n)
-    return tuple(1e3 * statistics.median(v) for v in (host, whole, runs))
 
 
 def main() -> None:
@@ -123,7 +103,7 @@ def main() -> None:
                                   ("XLA psum one-shot", "xla", ONE_SHOT), ("peer", "peer", None),
                                   ("none (again)", "none", None), ("peer (again)", "peer", None)]:
         exe = step(reduce).lower(x, w, comm.table).compile(options)
-        rows.append((name, *timed(exe, x, w, comm.table)))
+        rows.append((name, *times_ms(exe, x, w, comm.table)))
     print(f"chain of {args.chain} x (matmul [{r}, {d}] x [{d}, {d}], all-reduce) per call")
     print(f"{'all-reduce':>20} {'host ms':>8} {'call+wait':>10} {'back-to-back':>13} {'per AR us':>10}")
     base = min(b for name, _, _, b in rows if name.startswith("none"))
