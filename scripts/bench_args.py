@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_launch import times_ms  # noqa: E402
+from bench_launch import print_times, times_ms  # noqa: E402
 
 
 def chain_separate(x, *ws):
@@ -69,9 +69,7 @@ def main() -> None:
         rows.append(("1 GPU", f"{n} arrays (again)",
                      *times_ms(jax.jit(chain_separate), xs, *sep, n=args.calls)))
     print(f"device: {d0.device_kind}; {n} matmuls per call")
-    print(f"{'mesh':>7} {'weights':>18} {'host ms':>8} {'call+wait':>10} {'back-to-back':>13}")
-    for mesh_name, kind, h, cw, bb in rows:
-        print(f"{mesh_name:>7} {kind:>18} {h:8.3f} {cw:10.3f} {bb:13.3f}")
+    print_times(rows, "weights", 18)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,14 @@ def main() -> None:
             psums = args.chain // every if every else 0
             rows.append(("2 GPUs", str(psums), *times_ms(f, x2, w2, n=args.calls)))
     print(f"device: {devices[0].device_kind}; chain of {args.chain} matmuls per call")
-    print(f"{'mesh':>7} {'psums':>6} {'host ms':>8} {'call+wait':>10} {'back-to-back':>13}")
-    for mesh_name, psums, h, cw, bb in rows:
-        print(f"{mesh_name:>7} {psums:>6} {h:8.3f} {cw:10.3f} {bb:13.3f}")
+    print_times(rows, "psums", 6)
+
+
+def print_times(rows, label: str, width: int) -> None:
+    """A table of (mesh, label, host, call+wait, back-to-back) rows from `times_ms`."""
+    print(f"{'mesh':>7} {label:>{width}} {'host ms':>8} {'call+wait':>10} {'back-to-back':>13}")
+    for mesh_name, what, h, cw, bb in rows:
+        print(f"{mesh_name:>7} {what:>{width}} {h:8.3f} {cw:10.3f} {bb:13.3f}")
 
 
 if __name__ == "__main__":
