@@ -45,11 +45,11 @@ class TensorParallel:
         return jax.lax.axis_index(self.axis)
 
     def psum(self, x: jax.Array) -> jax.Array:
-        if (self.table is not None and x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-                and x.size * x.dtype.itemsize <= self.capacity_bytes):
-            from pallas_kernels.peer_all_reduce import peer_all_reduce
-            return peer_all_reduce(x, self.table, num_ranks=self.size,
-                                   capacity_bytes=self.capacity_bytes)
+        if self.table is not None:
+            from pallas_kernels.peer_all_reduce import fits, peer_all_reduce
+            if fits(x, self.capacity_bytes):
+                return peer_all_reduce(x, self.table, num_ranks=self.size,
+                                       capacity_bytes=self.capacity_bytes)
         return jax.lax.psum(x, self.axis)
 
     def all_gather(self, x: jax.Array, axis: int) -> jax.Array:
@@ -69,10 +69,15 @@ def peer_all_reduce_mode(mesh) -> str:
     return "on" if flag == "1" else "auto"
 
 
+def peer_capacity_bytes(max_tokens: int, hidden: int, itemsize: int) -> int:
+    """The largest all-reduce of a step: its [T, D] activations."""
+    return max_tokens * hidden * itemsize
+
+
 def peer_buffer_bytes(num_ranks: int, max_tokens: int, hidden: int, itemsize: int) -> int:
     """Device memory one GPU's comm buffer takes (for the memory plan)."""
     from pallas_kernels.peer_all_reduce import comm_buffer_bytes
-    return comm_buffer_bytes(num_ranks, max_tokens * hidden * itemsize)
+    return comm_buffer_bytes(num_ranks, peer_capacity_bytes(max_tokens, hidden, itemsize))
 
 
 class PeerBuffers:

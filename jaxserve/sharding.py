@@ -100,6 +100,13 @@ def param_sharding(mesh: Mesh):
     return shardings
 
 
+def splits_heads(cfg, tp: int) -> bool:
+    """Whether tp splits both the q and the kv heads: then each shard runs the whole forward on
+    its own heads (explicit SPMD under shard_map, collectives written in the model); otherwise
+    the KV cache is replicated and XLA partitions the step."""
+    return cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0
+
+
 def kv_cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
     """[P, B, K, H] split over kv heads when tp divides them, else replicated."""
     return NamedSharding(mesh, spec_for((None, None, "kv_heads", None), (1, 1, num_kv_heads, 1), mesh))

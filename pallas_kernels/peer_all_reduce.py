@@ -58,6 +58,13 @@ if not (GRID * 4 <= FLAGS_AT and FLAGS_AT + 2 * MAX_RANKS * GRID * 4 <= RECV_AT
                      f"BLOCK={BLOCK} is not a power of two")
 
 
+def fits(x, capacity_bytes: int) -> bool:
+    """Whether the kernel takes `x` (an array or its aval) with buffers of `capacity_bytes`."""
+    return (np.dtype(x.dtype) in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16),
+                                  np.dtype(jnp.float16))
+            and math.prod(x.shape) * np.dtype(x.dtype).itemsize <= capacity_bytes)
+
+
 def comm_buffer_bytes(num_ranks: int, capacity_bytes: int) -> int:
     """Bytes of one GPU's comm buffer for messages of up to `capacity_bytes`."""
     return RECV_AT + 2 * num_ranks * _round_up(capacity_bytes, 256)
@@ -67,8 +74,10 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_module(*, dtype, elems: int, num_ranks: int, capacity_bytes: int, name: str):
-    """The Triton IR (tt dialect) module of one call's kernel, built with the MLIR bindings."""
+    """The Triton IR (tt dialect) module of one call's kernel, built with the MLIR bindings, as
+    bytecode (cached: a step lowers the same all-reduce at every layer)."""
     from jax._src.interpreters import mlir
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, scf
@@ -240,11 +249,9 @@ def peer_all_reduce(x: jax.Array, table: jax.Array, *, num_ranks: int,
     table: [2 * (1 + num_ranks)] int32, this rank's row of the comm table (its rank, then every
     rank's comm buffer address, as little-endian int64 pairs; see `comm_table_row`)."""
     global _PRIM
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise TypeError(f"peer_all_reduce: unsupported dtype {x.dtype}")
-    if x.size * x.dtype.itemsize > capacity_bytes:
-        raise ValueError(f"peer_all_reduce: {x.size * x.dtype.itemsize} bytes > the comm "
-                         f"buffers' capacity {capacity_bytes}")
+    if not fits(x, capacity_bytes):
+        raise ValueError(f"peer_all_reduce: {x.dtype} {x.shape} is not a float32/bfloat16/float16 "
+                         f"array within the comm buffers' capacity of {capacity_bytes} bytes")
     if not 1 <= num_ranks <= MAX_RANKS:
         raise ValueError(f"peer_all_reduce: 1..{MAX_RANKS} ranks, not {num_ranks}")
     if _PRIM is None:

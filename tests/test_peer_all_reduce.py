@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.peer_all_reduce import (BLOCK, GRID, _kernel_module, comm_buffer_bytes,
-                                            comm_table_row, peer_all_reduce_reference)
+                                            comm_table_row, fits, peer_all_reduce_reference)
 
 TWO_GPUS = jax.default_backend() == "gpu" and len(jax.devices()) >= 2
 needs_two_gpus = pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs in one process "
@@ -35,6 +35,13 @@ def test_comm_table_row_holds_rank_and_addresses():
     assert row.dtype == np.int32 and row.shape == (2 * (1 + 3),)
     assert row.view(np.int64).tolist() == [2, *addresses]
     assert comm_buffer_bytes(2, 1000) == comm_buffer_bytes(2, 1024) > 2 * 2 * 1000
+
+
+def test_what_the_kernel_takes():
+    assert fits(jax.ShapeDtypeStruct((4, 256), jnp.bfloat16), 4 * 256 * 2)
+    assert not fits(jax.ShapeDtypeStruct((4, 257), jnp.bfloat16), 4 * 256 * 2)   # too large
+    assert fits(jnp.zeros((3, 5), jnp.float32), 60)
+    assert not fits(jnp.zeros((3, 5), jnp.int32), 1 << 20)                        # not a float
 
 
 def test_reference_sums_in_rank_order_in_float32():

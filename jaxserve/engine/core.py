@@ -34,6 +34,7 @@ from jaxserve.runner.model_runner import ModelRunner, Sampled
 from jaxserve.sampling.params import SamplingParams
 from jaxserve.scheduler.request import Request
 from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
+from jaxserve.sharding import splits_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +149,7 @@ class EngineCore:
         tp = 1 if mesh is None else mesh.shape["tp"]
         kv_shards = tp if cfg.num_kv_heads % tp == 0 else 1   # else the cache is replicated
         comm = 0
-        if (tp > 1 and cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0
-                and peer_all_reduce_mode(mesh) != "off"):
+        if tp > 1 and splits_heads(cfg, tp) and peer_all_reduce_mode(mesh) != "off":
             comm = peer_buffer_bytes(tp, max_tokens, cfg.hidden_size, kv_itemsize)
         usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize,
                                  kv_shards, other_bytes=comm)
@@ -158,7 +158,7 @@ class EngineCore:
             # NOTE: when tp splits q and kv heads the runner runs the whole forward per shard
             # (shard_map), so any backend works there unchanged; otherwise XLA partitions the
             # step and only the jnp reference attention is used.
-            splittable = cfg.num_kv_heads % tp == 0 and cfg.num_heads % tp == 0
+            splittable = splits_heads(cfg, tp)
             if backend == "auto":
                 backend = "pallas" if jax.default_backend() == "gpu" and splittable else "reference"
             if backend == "pallas" and not splittable:

@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.attention import AttentionBackend, build_metadata, get_backend
-from jaxserve.collectives import PeerAccessError, PeerBuffers, TensorParallel, peer_all_reduce_mode
+from jaxserve.collectives import (PeerAccessError, PeerBuffers, TensorParallel,
+                                  peer_all_reduce_mode, peer_capacity_bytes)
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache.cache import allocate_kv_cache
 from jaxserve.models.layers import CausalLM
@@ -40,6 +41,7 @@ from jaxserve.sampling.sampler import (FILL_SIZES, SAMPLER_MODES, SamplingTensor
                                        fill_slots, init_sampler_state, sample, sampler_mode)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
+from jaxserve.sharding import kv_cache_sharding, replicated, splits_heads
 from jaxserve.scheduler.request import PLACEHOLDER
 
 
@@ -89,7 +91,6 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or self.params[0].dtype
         kv_sharding = rep = None
         if mesh is not None:
-            from jaxserve.sharding import kv_cache_sharding, replicated
             kv_sharding = kv_cache_sharding(mesh, self.cfg.num_kv_heads)
             rep = replicated(mesh)
         self._kv_sharding, self._replicated = kv_sharding, rep
@@ -99,9 +100,10 @@ class ModelRunner:
         tp = 1 if mesh is None else mesh.shape["tp"]
         self._num_weights = len(self.params)
         self.peer_buffers = None
-        if tp > 1 and self.cfg.num_heads % tp == 0 and self.cfg.num_kv_heads % tp == 0:
-            self.peer_buffers = self._peer_buffers(mesh, max(max_num_batched_tokens, max_num_seqs),
-                                                   np.dtype(model.embed[...].dtype).itemsize)
+        if tp > 1 and splits_heads(self.cfg, tp):
+            self.peer_buffers = self._peer_buffers(mesh, peer_capacity_bytes(
+                max(max_num_batched_tokens, max_num_seqs), self.cfg.hidden_size,
+                np.dtype(model.embed[...].dtype).itemsize))
             if self.peer_buffers is not None:
                 # NOTE: the comm table rides at the end of the executables' first argument (the
                 # flat weights): one more per-device array, no new argument anywhere.
@@ -382,7 +384,7 @@ class ModelRunner:
         if slot is not None:
             self._free_slots.append(slot)
 
-    def _peer_buffers(self, mesh, max_tokens: int, itemsize: int) -> PeerBuffers | None:
+    def _peer_buffers(self, mesh, capacity_bytes: int) -> PeerBuffers | None:
         """Comm buffers for the peer-memory all-reduce (`jaxserve/collectives.py`) when this
         mesh's GPUs are all in this process and can reach each other's memory; else None (XLA's
         collectives). Sized for the largest step's [T, D] activations."""
@@ -390,7 +392,7 @@ class ModelRunner:
         if mode == "off":
             return None
         try:
-            return PeerBuffers(mesh, max_tokens * self.cfg.hidden_size * itemsize)
+            return PeerBuffers(mesh, capacity_bytes)
         except PeerAccessError as e:
             if mode == "on":
                 raise
