@@ -123,3 +123,63 @@ def mgpu_prefill_choice(device_kind: str, dtype, q_heads: int, kv_heads: int, he
                      kv_dtype=kv_dtype):
         return None
     return block_kv, stages, pingpong
+
+
+# (device_kind substring, rows tile, K, N) -> (block_n, block_k, splits, num_warps, num_stages) of
+# the skinny matmul (rows tile: the activation's rows rounded up to a power of two >= 16)
+MATMUL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {
+    # NVIDIA H100 80GB HBM3, 2026-11-28, scripts/bench_matmul.py --quick (device time, each call
+    # over >= 256 MB of weight copies so that none comes from L2): Qwen2.5-7B's projections whole
+    # and as tp=2 shards, the shapes where the kernel beat XLA's GEMM by >= 3% (µs: XLA -> kernel).
+    # Whole gate/up (3584 x 37888) is not listed: XLA's GEMM reads it at 88-93% and the kernel
+    # was no faster at any rows tile.
+    ("H100", 64, 3584, 4608): (64, 128, 1, 4, 4),     # qkv        18.5 -> 15.4
+    ("H100", 64, 3584, 3584): (32, 128, 1, 4, 4),     # o          17.1 -> 13.4
+    ("H100", 64, 18944, 3584): (64, 128, 2, 4, 4),    # down       55.8 -> 49.3
+    ("H100", 64, 3584, 2304): (128, 128, 4, 4, 3),    # qkv/2      11.5 -> 10.6
+    ("H100", 64, 1792, 3584): (32, 128, 1, 4, 4),     # o/2         9.9 -> 8.0
+    ("H100", 64, 3584, 18944): (256, 64, 1, 4, 4),    # gate_up/2  57.0 -> 47.6
+    ("H100", 64, 9472, 3584): (64, 128, 2, 4, 4),     # down/2     32.1 -> 28.0
+    ("H100", 32, 3584, 4608): (128, 128, 2, 4, 4),    # qkv        16.3 -> 15.7
+    ("H100", 32, 3584, 3584): (128, 64, 4, 4, 4),     # o          13.6 -> 12.7
+    ("H100", 32, 18944, 3584): (128, 128, 4, 4, 3),   # down       53.2 -> 48.4
+    ("H100", 32, 3584, 2304): (128, 128, 4, 4, 4),    # qkv/2      10.8 -> 9.9
+    ("H100", 32, 1792, 3584): (32, 128, 1, 4, 4),     # o/2         8.9 -> 8.0
+    ("H100", 32, 3584, 18944): (256, 64, 1, 4, 4),    # gate_up/2  52.7 -> 47.2
+    ("H100", 32, 9472, 3584): (128, 64, 4, 4, 4),     # down/2     29.1 -> 26.8
+    ("H100", 16, 3584, 4608): (64, 128, 1, 4, 4),     # qkv        15.2 -> 14.6
+    ("H100", 16, 18944, 3584): (128, 128, 4, 4, 3),   # down       49.8 -> 47.2
+    ("H100", 16, 3584, 2304): (64, 64, 8, 4, 3),      # qkv/2       9.7 -> 9.4
+    ("H100", 16, 1792, 3584): (32, 128, 1, 4, 4),     # o/2         8.2 -> 7.6
+    ("H100", 16, 3584, 18944): (256, 64, 1, 4, 4),    # gate_up/2  50.0 -> 46.4
+    ("H100", 16, 9472, 3584): (128, 64, 4, 4, 4),     # down/2     27.2 -> 26.1
+}
+# NVIDIA H200 (same SM count, more bandwidth): the H100's entries until swept on an H200
+MATMUL_TABLE.update({("H200", *key[1:]): v for key, v in list(MATMUL_TABLE.items())})
+
+
+def matmul_params(device_kind: str, m: int, k: int, n: int, *, tuned_only: bool = False,
+                  dtype="bfloat16") -> tuple[int, int, int, int, int] | None:
+    """Launch parameters of the skinny matmul for x [m, k] @ w [k, n], or None where it does not
+    take the shape (or, `tuned_only`, where the table has no entry for it: the shapes where it
+    measured faster than XLA's GEMM). Untuned default: 64-column tiles of 128-row pieces over 4
+    stages, split over K until every SM has about two programs."""
+    from pallas_kernels.skinny_matmul import supports
+
+    rows = max(16, 1 << (max(m, 1) - 1).bit_length())
+    params = _lookup(MATMUL_TABLE, device_kind, (rows, k, n), None)
+    if params is not None:
+        bn, bk, splits, _, _ = params
+        ok = supports(m, k, n, block_n=bn, block_k=bk, splits=splits, dtype=dtype)
+        return params if ok else None
+    if tuned_only:
+        return None
+    sms = next((v for c, v in _SMS.items() if c in device_kind), 108)
+    for bn, bk in ((64, 128), (64, 64), (32, 64)):
+        if not supports(m, k, n, block_n=bn, block_k=bk, splits=1, dtype=dtype):
+            continue
+        splits = 1
+        while (n // bn) * splits < 2 * sms and k % (2 * splits * bk) == 0 and splits < 8:
+            splits *= 2
+        return bn, bk, splits, 4, 4
+    return None

@@ -76,6 +76,35 @@ def _fused_norm() -> bool:
     return flag == "1"
 
 
+def _skinny_mode() -> str:
+    """JAXSERVE_SKINNY_MATMUL: unset = the skinny-matmul kernel for decode-sized projections on
+    GPUs wherever its table (pallas_kernels/tuning.py) lists the card and shape (measured faster
+    than XLA's GEMM there); 0 = XLA's GEMMs everywhere; 1 = the kernel for every shape it takes,
+    table or not (interpret mode off GPU, for tests). Read when a layer is traced."""
+    flag = os.environ.get("JAXSERVE_SKINNY_MATMUL")
+    if flag is None:
+        return "table" if jax.default_backend() == "gpu" else "off"
+    return "on" if flag == "1" else "off"
+
+
+def project(x: Array, w: Array) -> Array:
+    """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulation), the weight projections'
+    one matmul: XLA's GEMM, or at decode row counts (T <= 64) the weight-streaming kernel of
+    `pallas_kernels.skinny_matmul` (JAXSERVE_SKINNY_MATMUL)."""
+    mode = _skinny_mode()
+    if mode != "off":
+        from pallas_kernels import skinny_matmul as sk
+        from pallas_kernels.tuning import matmul_params
+        (t, k), n = x.shape, w.shape[1]
+        kind = jax.devices()[0].device_kind
+        params = matmul_params(kind, t, k, n, tuned_only=mode == "table", dtype=x.dtype)
+        if params is not None:
+            bn, bk, splits, warps, stages = params
+            return sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
+                                    num_stages=stages, interpret=jax.default_backend() != "gpu")
+    return jnp.dot(x, w)   # (XLA accumulates bf16 products in fp32 and rounds once, as the kernel)
+
+
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
     """Inverse frequencies [H/2] (float32), with the rope scaling of the config applied."""
     inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
@@ -131,7 +160,8 @@ class Attention(nnx.Module):
     def __call__(self, x: Array, positions: Array, cache: LayerCache, meta: AttentionMetadata,
                  backend: AttentionBackend, tp: TensorParallel | None = None
                  ) -> tuple[Array, LayerCache]:
-        qkv = jnp.einsum("TD,DKCH->TKCH", x, self.wqkv[...])
+        wqkv = self.wqkv[...]
+        qkv = project(x, wqkv.reshape(wqkv.shape[0], -1)).reshape(x.shape[0], *wqkv.shape[1:])
         if self.qkv_bias:
             qkv = qkv + self.bqkv[...]
         qkv = self._norm_rope(qkv, positions)
@@ -140,7 +170,8 @@ class Attention(nnx.Module):
             out, cache = attend_qkv(qkv, cache, meta, positions, self.spec)
         else:
             out, cache = backend(*split_qkv(qkv), cache, meta, positions, self.spec)   # [T, N, H]
-        y = jnp.einsum("TNH,NHD->TD", out, self.wo[...])
+        wo = self.wo[...]
+        y = project(out.reshape(out.shape[0], -1), wo.reshape(-1, wo.shape[-1]))   # TNH,NHD->TD
         return _psum_if(y, self.wo[...].shape[0] < self.num_heads, tp), cache
 
 
@@ -168,8 +199,9 @@ class MLP(nnx.Module):
         self.intermediate_size = f
 
     def __call__(self, x: Array, tp: TensorParallel | None = None) -> Array:  # [T, D] -> [T, D]
-        gate_up = jnp.einsum("TD,DCF->TCF", x, self.w_gate_up[...])
-        y = jnp.einsum("TF,FD->TD", jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.w_down[...])
+        w = self.w_gate_up[...]
+        gate_up = project(x, w.reshape(w.shape[0], -1)).reshape(x.shape[0], *w.shape[1:])  # TCF
+        y = project(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.w_down[...])        # TF,FD->TD
         return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp)
 
 

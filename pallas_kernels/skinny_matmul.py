@@ -1,0 +1,129 @@
+"""A matmul for few rows against a large weight: x [M, K] @ w [K, N] with M <= 64 (decode steps).
+
+At decode batch sizes a projection is a weight read: the activation is a few KB, the weight tens
+to hundreds of MB. XLA's GEMMs read the Qwen2.5-7B shapes at 57-86% of the HBM ceiling at 64 rows
+and the tensor-parallel halves at 38-68% (docs/benchmarks.md, "the decode matmuls"): too few
+output tiles to keep every SM streaming, and the tile shapes chosen for compute. This kernel
+streams the weight instead. Grid (N / block_n column tiles, splits over K): each program walks its
+[K / splits, block_n] slab of the weight `block_k` rows at a time (Triton pipelines the loads over
+`num_stages`), multiplies each slab piece by the matching [Mp, block_k] columns of the activation
+(rows padded to a power of two >= 16 by masked loads, for the tensor-core dot; nothing past M is
+read or written) and accumulates in fp32. One split stores the result in the output dtype; several
+store fp32 partials [splits, M, N] that a jnp epilogue sums (XLA fuses that sum into whatever
+consumes the product).
+
+Layers: `_skinny_kernel` (body) -> `_skinny_call` (pallas_call: grid, BlockSpecs) ->
+`skinny_matmul` (jitted, static tuning knobs, `interpret`) -> `skinny_matmul_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+MAX_ROWS = 64
+
+
+def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int, steps: int):
+    # x_ref: [M, K] the activation; w_ref: [K, N] the weight; o_ref: [M, N], the output (one
+    # split) or this split's fp32 partial. Program (j, s) computes columns
+    # [j*block_n, (j+1)*block_n) over the K rows [s*steps*block_k, (s+1)*steps*block_k).
+    from jax.experimental.pallas import triton as plgpu
+
+    j = pl.program_id(0)
+    s = pl.program_id(1)
+    m = x_ref.shape[0]
+    r = jnp.arange(rows, dtype=jnp.int32)
+    row_mask = (r < m)[:, None]
+    k0 = s * (steps * block_k)
+    n0 = pl.multiple_of(j * block_n, block_n)
+
+    def step(i, acc):
+        k = pl.multiple_of(k0 + i * block_k, block_k)
+        a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)], mask=row_mask, other=0)
+        b = w_ref[pl.ds(k, block_k), pl.ds(n0, block_n)]
+        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows, block_n), jnp.float32))
+    plgpu.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype),
+                mask=row_mask)
+
+
+def _skinny_call(x, w, *, block_n, block_k, splits, num_warps, num_stages, out_dtype, interpret):
+    m, k = x.shape
+    n = w.shape[1]
+    rows = max(16, 1 << (m - 1).bit_length())
+    steps = k // (splits * block_k)
+    kernel = functools.partial(_skinny_kernel, rows=rows, block_n=block_n, block_k=block_k,
+                               steps=steps)
+    whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = whole((m, n))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0))   # split s's partial
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        kernel,
+        grid=(n // block_n, splits),
+        in_specs=[whole((m, k)), whole((k, n))],
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="jaxserve_skinny_matmul",
+    )(x, w)
+    if splits > 1:
+        out = out.sum(axis=0).astype(out_dtype)
+    return out
+
+
+DTYPES = (jnp.bfloat16, jnp.float16)   # (fp32 would go through the tensor cores as tf32)
+
+
+def supports(m: int, k: int, n: int, *, block_n: int, block_k: int, splits: int,
+             dtype=jnp.bfloat16) -> bool:
+    """Whether the kernel takes these shapes with these knobs: a 16-bit float dtype, at most
+    MAX_ROWS rows, N a multiple of block_n, K a multiple of splits * block_k (power-of-two
+    blocks, >= 16 for the dot)."""
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0
+    return (jnp.dtype(dtype) in DTYPES and 1 <= m <= MAX_ROWS and pow2(block_n)
+            and pow2(block_k) and splits >= 1 and n % block_n == 0 and k % (splits * block_k) == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps",
+                                             "num_stages", "interpret"))
+def skinny_matmul(
+    x: jax.Array,        # [M, K] M <= MAX_ROWS
+    w: jax.Array,        # [K, N]
+    *,
+    block_n: int = 64,
+    block_k: int = 128,
+    splits: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    interpret: bool = False,
+) -> jax.Array:          # [M, N] in x's dtype (fp32 accumulation)
+    m, k = x.shape
+    n = w.shape[1]
+    if not supports(m, k, n, block_n=block_n, block_k=block_k, splits=splits, dtype=x.dtype):
+        raise ValueError(f"skinny_matmul: {x.dtype} [{m}, {k}] @ [{k}, {n}] does not fit "
+                         f"block_n={block_n}, block_k={block_k}, splits={splits} (see supports())")
+    return _skinny_call(x, w.astype(x.dtype), block_n=block_n, block_k=block_k, splits=splits,
+                        num_warps=num_warps, num_stages=num_stages, out_dtype=x.dtype,
+                        interpret=interpret)
+
+
+def skinny_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Pure jnp: x @ w with fp32 accumulation, in x's dtype."""
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+__all__ = ["DTYPES", "MAX_ROWS", "skinny_matmul", "skinny_matmul_reference", "supports"]

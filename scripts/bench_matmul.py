@@ -1,0 +1,149 @@
+"""Decode-shaped weight matmuls (GPU machine): XLA's GEMM against our skinny-matmul kernel.
+
+For each weight of a model shape (whole, and one GPU's shard under tp=2) and each row count: the
+device time of one `x @ w` (CUPTI: every kernel the call launches, the split-K sums included;
+each call runs over enough distinct copies of the weight, >= 256 MB, that none is read from L2,
+as in a model whose layers each read their own weights),
+XLA's default against the best of a sweep of the kernel's launch parameters, as µs, TB/s and % of
+the HBM read ceiling measured in the same run. Every configuration's result is checked against the
+jnp reference before it is timed. Configurations compile in parallel threads.
+
+    python scripts/bench_matmul.py [--model qwen2.5-7b] [--rows 2 64] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import device_time, read_ceiling  # noqa: E402
+from jaxserve.models.registry import preset_config  # noqa: E402
+from pallas_kernels.skinny_matmul import (skinny_matmul, skinny_matmul_reference,  # noqa: E402
+                                          supports)
+from pallas_kernels.tuning import matmul_params  # noqa: E402
+
+
+def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(K, N) of the four projections of a layer as the model stores them (fused q/k/v, o, fused
+    gate/up, down), whole and as one GPU's shard under tp=2."""
+    c = preset_config(model)
+    d, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    whole = {"qkv": (d, (n + 2 * k) * h), "o": (n * h, d), "gate_up": (d, 2 * f), "down": (f, d)}
+    halves = {"qkv/2": (d, (n + 2 * k) * h // 2), "o/2": (n * h // 2, d),
+              "gate_up/2": (d, f), "down/2": (f // 2, d)}
+    return {**whole, **halves}
+
+
+def grid(m: int, k: int, n: int, quick: bool) -> list[dict]:
+    rows = max(16, 1 << (m - 1).bit_length())
+    out = []
+    for bn, bk, splits, warps, stages in itertools.product(
+            (32, 64, 128, 256), (64, 128, 256), (1, 2, 4, 8), (4, 8), (3, 4, 5)):
+        if not supports(m, k, n, block_n=bn, block_k=bk, splits=splits):
+            continue
+        programs = n // bn * splits
+        smem = stages * (bk * bn + rows * bk) * 2
+        if not 64 <= programs <= 2048 or smem > 200 * 1024 or (warps == 8 and bn < 128):
+            continue
+        if quick and (stages == 5 or bk == 256):
+            continue
+        out.append(dict(block_n=bn, block_k=bk, splits=splits, num_warps=warps, num_stages=stages))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 32, 16])
+    ap.add_argument("--only", nargs="*", help="weight names to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="a smaller sweep")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    kind = jax.devices()[0].device_kind
+    ceiling, ceiling_dev = read_ceiling()
+    print(f"device: {kind}; HBM read ceiling {ceiling:.2f} TB/s back to back, {ceiling_dev:.2f} "
+          f"TB/s by device time", flush=True)
+    results = []
+    for m in args.rows:
+        for name, (k, n) in weight_shapes(args.model).items():
+            if args.only and name not in args.only:
+                continue
+            x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+            w = (jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+            mb = k * n * 2 / 1e6
+            copies = min(32, -(-256 // int(mb)))
+            ws = [w] + [jnp.array(w, copy=True) for _ in range(copies - 1)]
+            # a copy of x per weight too: XLA merges dots that share an operand (its weight
+            # copies would then be concatenated, and timed)
+            xs = [x] + [jnp.array(x, copy=True) for _ in range(copies - 1)]
+            ref = skinny_matmul_reference(x, w).astype(jnp.float32)
+            tol = 0.01 * float(jnp.max(jnp.abs(ref)))   # a few bf16 roundings of the output
+            pct = lambda us: 100 * (mb / us) / ceiling_dev   # MB / µs = TB/s
+            per_call = lambda f: device_time(f, *xs, *ws, iterations=10) * 1e6 / copies
+            t_xla = per_call(jax.jit(over_copies(lambda a, b: a @ b)))
+            configs = grid(m, k, n, args.quick)
+
+            def build(cfg):
+                f = jax.jit(over_copies(functools_partial(cfg)))
+                return cfg, f.lower(*xs, *ws).compile()
+
+            rows = []
+            with cf.ThreadPoolExecutor(12) as pool:
+                for fut in cf.as_completed([pool.submit(build, c) for c in configs]):
+                    try:
+                        cfg, f = fut.result()
+                    except Exception as e:  # keep sweeping: report what failed
+                        print(f"  compile failed: {type(e).__name__}: {str(e)[:120]}")
+                        continue
+                    err = float(jnp.max(jnp.abs(f(*xs, *ws)[0].astype(jnp.float32) - ref)))
+                    if not err <= tol:
+                        print(f"  WRONG {cfg}: max abs err {err} (tolerance {tol:.3f})")
+                        continue
+                    rows.append({**cfg, "us": per_call(f)})
+            rows = sorted((r for r in rows if r["us"] == r["us"]), key=lambda r: r["us"])   # (NaN: no CUPTI record)
+            chosen = matmul_params(kind, m, k, n)
+            t_chosen = None
+            if chosen is not None:
+                cfg = dict(zip(("block_n", "block_k", "splits", "num_warps", "num_stages"), chosen))
+                t_chosen = per_call(jax.jit(over_copies(functools_partial(cfg))))
+            best = rows[0] if rows else None
+            print(f"M={m:3d} {name:10s} {mb:6.1f} MB | XLA {t_xla:6.1f} µs ({pct(t_xla):3.0f}%)"
+                  + (f" | best {best['us']:6.1f} µs ({pct(best['us']):3.0f}%) "
+                     f"bn={best['block_n']} bk={best['block_k']} s={best['splits']} "
+                     f"w={best['num_warps']} st={best['num_stages']}" if best else " | no config")
+                  + (f" | table {t_chosen:6.1f} µs ({pct(t_chosen):3.0f}%) {chosen}"
+                     if t_chosen else ""), flush=True)
+            for r in rows[1:4]:
+                print(f"      {r['us']:6.1f} µs bn={r['block_n']} bk={r['block_k']} s={r['splits']} "
+                      f"w={r['num_warps']} st={r['num_stages']}")
+            results.append({"rows": m, "weight": name, "k": k, "n": n, "mb": mb, "xla_us": t_xla,
+                            "table_us": t_chosen, "sweep": rows[:8]})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": kind, "ceiling_dev_tbs": ceiling_dev, "results": results}, fh,
+                      indent=1)
+
+
+def over_copies(mm):
+    """*xs, *ws -> (mm(x, w) for each pair of copies): one call reads every weight copy once."""
+    def f(*args):
+        half = len(args) // 2
+        return tuple(mm(a, w) for a, w in zip(args[:half], args[half:]))
+    return f
+
+
+def functools_partial(cfg: dict):
+    return lambda a, b: skinny_matmul(a, b, **cfg)
+
+
+if __name__ == "__main__":
+    main()
