@@ -154,8 +154,21 @@ MATMUL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = 
     ("H100", 16, 3584, 18944): (256, 64, 1, 4, 4),    # gate_up/2  50.0 -> 46.4
     ("H100", 16, 9472, 3584): (128, 64, 4, 4, 4),     # down/2     27.2 -> 26.1
 }
-# NVIDIA H200 (same SM count, more bandwidth): the H100's entries until swept on an H200
-MATMUL_TABLE.update({("H200", *key[1:]): v for key, v in list(MATMUL_TABLE.items())})
+MATMUL_TABLE.update({
+    # NVIDIA H200, 2026-11-28, the same sweep at 64 rows (µs: XLA -> kernel); whole gate/up again
+    # not listed (XLA 67.9, kernel 68.9)
+    ("H200", 64, 3584, 4608): (128, 128, 2, 4, 4),    # qkv        15.2 -> 13.1
+    ("H200", 64, 3584, 3584): (64, 128, 2, 4, 4),     # o          14.4 -> 10.9
+    ("H200", 64, 18944, 3584): (128, 128, 4, 4, 3),   # down       41.1 -> 36.8
+    ("H200", 64, 3584, 2304): (128, 128, 4, 4, 4),    # qkv/2      10.2 -> 9.0
+    ("H200", 64, 1792, 3584): (32, 128, 1, 4, 4),     # o/2        10.4 -> 7.3
+    ("H200", 64, 3584, 18944): (256, 64, 1, 4, 4),    # gate_up/2  41.2 -> 34.9
+    ("H200", 64, 9472, 3584): (64, 128, 2, 4, 4),     # down/2     24.8 -> 22.1
+})
+# NVIDIA H200 at 32 and 16 rows: the H100's entries until swept on an H200 (the 64-row sweeps of
+# the two cards chose the same or neighbouring parameters)
+MATMUL_TABLE.update({("H200", *key[1:]): v for key, v in list(MATMUL_TABLE.items())
+                     if key[0] == "H100" and key[1] < 64})
 
 
 def matmul_params(device_kind: str, m: int, k: int, n: int, *, tuned_only: bool = False,
