@@ -9,8 +9,11 @@ streams the weight instead. Grid (N / block_n column tiles, splits over K): each
 `num_stages`), multiplies each slab piece by the matching [Mp, block_k] columns of the activation
 (rows padded to a power of two >= 16 by masked loads, for the tensor-core dot; nothing past M is
 read or written) and accumulates in fp32. One split stores the result in the output dtype; several
-store fp32 partials [splits, M, N] that a jnp epilogue sums (XLA fuses that sum into whatever
-consumes the product).
+store fp32 partials [splits, M, N] that a jnp epilogue sums (a small XLA fusion, ~1.5 µs).
+
+SwiGLU variant (`glu=True`, one split): the weight is the MLP's fused gate/up [K, 2F]; a program
+accumulates a gate tile and the matching up tile and stores silu(gate) * up [M, F], so the [M, 2F]
+product never goes to memory and XLA's activation kernels do not run.
 
 Layers: `_skinny_kernel` (body) -> `_skinny_call` (pallas_call: grid, BlockSpecs) ->
 `skinny_matmul` (jitted, static tuning knobs, `interpret`) -> `skinny_matmul_reference`.
@@ -27,10 +30,13 @@ from jax.experimental import pallas as pl
 MAX_ROWS = 64
 
 
-def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int, steps: int):
+def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int, steps: int,
+                   glu: bool):
     # x_ref: [M, K] the activation; w_ref: [K, N] the weight; o_ref: [M, N], the output (one
     # split) or this split's fp32 partial. Program (j, s) computes columns
     # [j*block_n, (j+1)*block_n) over the K rows [s*steps*block_k, (s+1)*steps*block_k).
+    # glu: w_ref is [K, 2F] (gate columns, then up columns), o_ref [M, F]; program j computes
+    # block_n gate and block_n up columns and stores silu(gate) * up.
     from jax.experimental.pallas import triton as plgpu
 
     j = pl.program_id(0)
@@ -40,25 +46,36 @@ def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int
     row_mask = (r < m)[:, None]
     k0 = s * (steps * block_k)
     n0 = pl.multiple_of(j * block_n, block_n)
+    halves = (0, w_ref.shape[1] // 2) if glu else (0,)
 
-    def step(i, acc):
+    def step(i, accs):
         k = pl.multiple_of(k0 + i * block_k, block_k)
         a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)], mask=row_mask, other=0)
-        b = w_ref[pl.ds(k, block_k), pl.ds(n0, block_n)]
-        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+        return tuple(acc + jnp.dot(a, w_ref[pl.ds(k, block_k), pl.ds(h + n0, block_n)],
+                                   preferred_element_type=jnp.float32)
+                     for acc, h in zip(accs, halves))
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows, block_n), jnp.float32))
-    plgpu.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype),
+    zeros = tuple(jnp.zeros((rows, block_n), jnp.float32) for _ in halves)
+    accs = jax.lax.fori_loop(0, steps, step, zeros)
+    if glu:
+        # each product rounded to the activation dtype first, as two separate matmuls would be;
+        # then the activation in fp32, rounded once
+        gate, up = (acc.astype(x_ref.dtype).astype(jnp.float32) for acc in accs)
+        out = gate * jax.nn.sigmoid(gate) * up
+    else:
+        out = accs[0]
+    plgpu.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], out.astype(o_ref.dtype),
                 mask=row_mask)
 
 
-def _skinny_call(x, w, *, block_n, block_k, splits, num_warps, num_stages, out_dtype, interpret):
+def _skinny_call(x, w, *, block_n, block_k, splits, num_warps, num_stages, out_dtype, glu,
+                 interpret):
     m, k = x.shape
-    n = w.shape[1]
+    n = w.shape[1] // 2 if glu else w.shape[1]     # output columns
     rows = max(16, 1 << (m - 1).bit_length())
     steps = k // (splits * block_k)
     kernel = functools.partial(_skinny_kernel, rows=rows, block_n=block_n, block_k=block_k,
-                               steps=steps)
+                               steps=steps, glu=glu)
     whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -73,12 +90,12 @@ def _skinny_call(x, w, *, block_n, block_k, splits, num_warps, num_stages, out_d
     out = pl.pallas_call(
         kernel,
         grid=(n // block_n, splits),
-        in_specs=[whole((m, k)), whole((k, n))],
+        in_specs=[whole((m, k)), whole(w.shape)],
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
-        name="jaxserve_skinny_matmul",
+        name="jaxserve_skinny_glu" if glu else "jaxserve_skinny_matmul",
     )(x, w)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
@@ -99,31 +116,46 @@ def supports(m: int, k: int, n: int, *, block_n: int, block_k: int, splits: int,
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "glu", "interpret"))
 def skinny_matmul(
     x: jax.Array,        # [M, K] M <= MAX_ROWS
-    w: jax.Array,        # [K, N]
+    w: jax.Array,        # [K, N]; glu: [K, 2F], the gate's columns then the up projection's
     *,
     block_n: int = 64,
     block_k: int = 128,
     splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 4,
+    glu: bool = False,
     interpret: bool = False,
-) -> jax.Array:          # [M, N] in x's dtype (fp32 accumulation)
+) -> jax.Array:          # [M, N] in x's dtype (fp32 accumulation); glu: silu(x @ gate) * (x @ up)
+    """x @ w, or with `glu` the SwiGLU of the fused gate/up projection (one split only: the
+    activation needs whole sums). The tuning knobs describe the plain product's column tiles:
+    with `glu` a program takes block_n // 2 gate and as many up columns, the same bytes."""
     m, k = x.shape
     n = w.shape[1]
-    if not supports(m, k, n, block_n=block_n, block_k=block_k, splits=splits, dtype=x.dtype):
+    if glu:
+        ok = splits == 1 and n % 2 == 0 and supports(m, k, n // 2, block_n=block_n // 2,
+                                                     block_k=block_k, splits=1, dtype=x.dtype)
+    else:
+        ok = supports(m, k, n, block_n=block_n, block_k=block_k, splits=splits, dtype=x.dtype)
+    if not ok:
         raise ValueError(f"skinny_matmul: {x.dtype} [{m}, {k}] @ [{k}, {n}] does not fit "
-                         f"block_n={block_n}, block_k={block_k}, splits={splits} (see supports())")
-    return _skinny_call(x, w.astype(x.dtype), block_n=block_n, block_k=block_k, splits=splits,
-                        num_warps=num_warps, num_stages=num_stages, out_dtype=x.dtype,
-                        interpret=interpret)
+                         f"block_n={block_n}, block_k={block_k}, splits={splits}, glu={glu} "
+                         "(see supports())")
+    return _skinny_call(x, w.astype(x.dtype), block_n=block_n // 2 if glu else block_n,
+                        block_k=block_k, splits=splits, num_warps=num_warps,
+                        num_stages=num_stages, out_dtype=x.dtype, glu=glu, interpret=interpret)
 
 
-def skinny_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Pure jnp: x @ w with fp32 accumulation, in x's dtype."""
-    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+def skinny_matmul_reference(x: jax.Array, w: jax.Array, *, glu: bool = False) -> jax.Array:
+    """Pure jnp: x @ w with fp32 accumulation, in x's dtype; glu: silu(gate) * up of the two
+    halves of the product's columns (the activation in fp32, rounded once)."""
+    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    if not glu:
+        return y
+    gate, up = (h.astype(jnp.float32) for h in jnp.split(y, 2, axis=1))
+    return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 
 __all__ = ["DTYPES", "MAX_ROWS", "skinny_matmul", "skinny_matmul_reference", "supports"]

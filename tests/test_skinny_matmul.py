@@ -61,7 +61,8 @@ def test_matmul_params_table_and_default():
 
 def test_model_forward_with_skinny_matmul_equals_xla(monkeypatch):
     """Same greedy tokens through the whole tiny model (bf16) with JAXSERVE_SKINNY_MATMUL=1
-    (the kernel for every projection of the decode steps) and =0 (XLA's GEMMs)."""
+    (the kernel for every projection of the decode steps, the SwiGLU in its epilogue) and =0
+    (XLA's GEMMs)."""
     import pallas_kernels.skinny_matmul as kernel_module
     from jaxserve import LLM, SamplingParams
     from tests.engine_fixtures import tiny_loaded
@@ -69,7 +70,7 @@ def test_model_forward_with_skinny_matmul_equals_xla(monkeypatch):
     traced = []
     real = kernel_module.skinny_matmul
     monkeypatch.setattr(kernel_module, "skinny_matmul",
-                        lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
+                        lambda *a, **k: traced.append(k.get("glu", False)) or real(*a, **k))
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9)]
     sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
     outs = {}
@@ -83,8 +84,25 @@ def test_model_forward_with_skinny_matmul_equals_xla(monkeypatch):
         outs[flag] = [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs])
                       for o in llm.generate(prompts, sp)]
         assert bool(traced) == (flag == "1")
+        assert (True in traced) == (flag == "1")   # the MLP's SwiGLU ran in the kernel's epilogue
     for (ids0, lp0), (ids1, lp1) in zip(outs["0"], outs["1"]):
         assert ids0 == ids1
         for a, b in zip(lp0, lp1):
             np.testing.assert_allclose([x.logprob for _, x in a], [x.logprob for _, x in b],
                                        rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("k,f,block_n,block_k", [(256, 128, 64, 64), (384, 96, 64, 32)])
+def test_skinny_glu_matches_reference(m, k, f, block_n, block_k):
+    """silu(x @ gate) * (x @ up) from the fused [K, 2F] weight; F not a power of two included."""
+    rng = np.random.default_rng(m + k + f)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(k, 2 * f)) * 0.05, jnp.bfloat16)
+    got = skinny_matmul(x, w, block_n=block_n, block_k=block_k, glu=True, interpret=not ON_GPU)
+    want = skinny_matmul_reference(x, w, glu=True)
+    assert got.shape == (m, f) and got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="glu=True"):   # the activation needs whole sums
+        skinny_matmul(x, w, block_n=block_n, block_k=block_k, splits=2, glu=True, interpret=True)

@@ -87,22 +87,40 @@ def _skinny_mode() -> str:
     return "on" if flag == "1" else "off"
 
 
-def project(x: Array, w: Array) -> Array:
+def _skinny_params(x: Array, w: Array) -> tuple[int, int, int, int, int] | None:
+    """The skinny-matmul kernel's launch parameters for x @ w where it is to run (see
+    _skinny_mode), else None."""
+    mode = _skinny_mode()
+    if mode == "off":
+        return None
+    from pallas_kernels.tuning import matmul_params
+    (t, k), n = x.shape, w.shape[1]
+    return matmul_params(jax.devices()[0].device_kind, t, k, n, tuned_only=mode == "table",
+                         dtype=x.dtype)
+
+
+def project(x: Array, w: Array, *, glu: bool = False) -> Array:
     """x [T, K] @ w [K, N] -> [T, N] in x's dtype (fp32 accumulation), the weight projections'
     one matmul: XLA's GEMM, or at decode row counts (T <= 64) the weight-streaming kernel of
-    `pallas_kernels.skinny_matmul` (JAXSERVE_SKINNY_MATMUL)."""
-    mode = _skinny_mode()
-    if mode != "off":
+    `pallas_kernels.skinny_matmul` (JAXSERVE_SKINNY_MATMUL). glu: w is the fused gate/up [K, 2F]
+    and the result silu(gate) * up [T, F] (in the kernel's epilogue when it takes the shape in
+    one split; else XLA's activation after the product)."""
+    params = _skinny_params(x, w)
+    if params is not None:
         from pallas_kernels import skinny_matmul as sk
-        from pallas_kernels.tuning import matmul_params
-        (t, k), n = x.shape, w.shape[1]
-        kind = jax.devices()[0].device_kind
-        params = matmul_params(kind, t, k, n, tuned_only=mode == "table", dtype=x.dtype)
-        if params is not None:
-            bn, bk, splits, warps, stages = params
+        bn, bk, splits, warps, stages = params
+        if not glu or splits == 1:
             return sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
-                                    num_stages=stages, interpret=jax.default_backend() != "gpu")
-    return jnp.dot(x, w)   # (XLA accumulates bf16 products in fp32 and rounds once, as the kernel)
+                                    num_stages=stages, glu=glu,
+                                    interpret=jax.default_backend() != "gpu")
+        y = sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
+                             num_stages=stages, interpret=jax.default_backend() != "gpu")
+    else:
+        y = jnp.dot(x, w)   # (XLA accumulates bf16 products in fp32 and rounds once, as the kernel)
+    if not glu:
+        return y
+    gate, up = jnp.split(y, 2, axis=1)
+    return jax.nn.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
@@ -200,8 +218,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array, tp: TensorParallel | None = None) -> Array:  # [T, D] -> [T, D]
         w = self.w_gate_up[...]
-        gate_up = project(x, w.reshape(w.shape[0], -1)).reshape(x.shape[0], *w.shape[1:])  # TCF
-        y = project(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.w_down[...])        # TF,FD->TD
+        act = project(x, w.reshape(w.shape[0], -1), glu=True)   # silu(TD,DF->TF) * (TD,DF->TF)
+        y = project(act, self.w_down[...])                      # TF,FD->TD
         return _psum_if(y, self.w_down[...].shape[0] < self.intermediate_size, tp)
 
 
