@@ -3,12 +3,14 @@
 For each weight of a model shape (whole, and one GPU's shard under tp=2) and each row count: the
 device time of one `x @ w` (CUPTI: every kernel the call launches, the split-K sums included;
 each call runs over enough distinct copies of the weight, >= 256 MB, that none is read from L2,
-as in a model whose layers each read their own weights),
-XLA's default against the best of a sweep of the kernel's launch parameters, as µs, TB/s and % of
+as in a model whose layers each read their own weights, each copy with its own activation), XLA's
+default against the best of a sweep of the kernel's launch parameters, as µs, TB/s and % of
 the HBM read ceiling measured in the same run. Every configuration's result is checked against the
-jnp reference before it is timed. Configurations compile in parallel threads.
+jnp reference before it is timed. Configurations compile in parallel threads. Ends with the
+`MATMUL_TABLE` lines (pallas_kernels/tuning.py) for the shapes where the kernel was >= 3% faster.
 
-    python scripts/bench_matmul.py [--model qwen2.5-7b] [--rows 2 64] [--quick] [--json out.json]
+    python scripts/bench_matmul.py [--model qwen2.5-7b] [--rows 64 32 16] [--only NAME ...] [--quick]
+                                   [--json out.json]
 """
 
 from __future__ import annotations
@@ -127,6 +129,17 @@ def main() -> None:
                       f"w={r['num_warps']} st={r['num_stages']}")
             results.append({"rows": m, "weight": name, "k": k, "n": n, "mb": mb, "xla_us": t_xla,
                             "table_us": t_chosen, "sweep": rows[:8]})
+    # the entries for pallas_kernels/tuning.py's MATMUL_TABLE: shapes where the kernel's best was
+    # >= 3% faster than XLA's GEMM
+    card = next((c for c in ("H100", "H200", "B200") if c in kind), kind)
+    print("MATMUL_TABLE entries (>= 3% faster than XLA):")
+    for r in results:
+        if r["sweep"] and r["sweep"][0]["us"] <= 0.97 * r["xla_us"]:
+            b = r["sweep"][0]
+            tile = max(16, 1 << (r["rows"] - 1).bit_length())
+            print(f'    ("{card}", {tile}, {r["k"]}, {r["n"]}): ({b["block_n"]}, {b["block_k"]}, '
+                  f'{b["splits"]}, {b["num_warps"]}, {b["num_stages"]}),   # {r["weight"]} '
+                  f'{r["xla_us"]:.1f} -> {b["us"]:.1f}')
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": kind, "ceiling_dev_tbs": ceiling_dev, "results": results}, fh,
