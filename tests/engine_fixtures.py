@@ -25,3 +25,20 @@ def tiny_loaded(seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
            for k, x in zip(keys, leaves)]
     model = nnx.merge(graphdef, jax.tree.unflatten(tree, new))
     return LoadedModel(model, cfg, hf, None, "tiny-random-llama", dtype)
+
+
+def greedy_with_env(monkeypatch, var: str, flag: str, dtype=jnp.float32):
+    """Greedy tokens and top-3 logprobs of two prompts through the tiny model in a fresh engine,
+    with the environment variable `var` (a per-process kernel switch read at trace time) set to
+    `flag`: [(token ids, [sorted (token, Logprob) per step])] per prompt."""
+    from jaxserve import LLM, SamplingParams
+
+    monkeypatch.setenv(var, flag)
+    jax.clear_caches()   # the per-layer jit would otherwise reuse the other setting's trace
+    llm = LLM(tiny_loaded(seed=4, dtype=dtype), max_model_len=32, max_num_seqs=2,
+              max_num_batched_tokens=16, block_size=8, num_kv_blocks=12,
+              compilation_cache_dir=None, show_progress=False)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9)]
+    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+    return [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs])
+            for o in llm.generate(prompts, sp)]

@@ -29,22 +29,15 @@ def test_add_rms_norm_matches_reference(t, d, dtype):
 def test_model_forward_with_fused_norm_equals_xla(monkeypatch):
     """Same logits through the whole tiny model with JAXSERVE_FUSED_NORM=1 (kernel) and =0."""
     import pallas_kernels.rms_norm as kernel_module
-    from jaxserve import LLM, SamplingParams
-    from tests.engine_fixtures import tiny_loaded
+    from tests.engine_fixtures import greedy_with_env
 
     traced = []
     real = kernel_module.add_rms_norm
     monkeypatch.setattr(kernel_module, "add_rms_norm", lambda *a, **k: traced.append(1) or real(*a, **k))
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9)]
-    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
     outs = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("JAXSERVE_FUSED_NORM", flag)
-        jax.clear_caches()   # the per-layer jit would otherwise reuse the other setting's trace
-        llm = LLM(tiny_loaded(seed=4), max_model_len=32, max_num_seqs=2, max_num_batched_tokens=16,
-                  block_size=8, num_kv_blocks=12, compilation_cache_dir=None, show_progress=False)
-        outs[flag] = [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs])
-                      for o in llm.generate(prompts, sp)]
+        traced.clear()
+        outs[flag] = greedy_with_env(monkeypatch, "JAXSERVE_FUSED_NORM", flag)
         assert bool(traced) == (flag == "1")
     for (ids0, lp0), (ids1, lp1) in zip(outs["0"], outs["1"]):
         assert ids0 == ids1

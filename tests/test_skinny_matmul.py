@@ -64,25 +64,16 @@ def test_model_forward_with_skinny_matmul_equals_xla(monkeypatch):
     (the kernel for every projection of the decode steps, the SwiGLU in its epilogue) and =0
     (XLA's GEMMs)."""
     import pallas_kernels.skinny_matmul as kernel_module
-    from jaxserve import LLM, SamplingParams
-    from tests.engine_fixtures import tiny_loaded
+    from tests.engine_fixtures import greedy_with_env
 
     traced = []
     real = kernel_module.skinny_matmul
     monkeypatch.setattr(kernel_module, "skinny_matmul",
                         lambda *a, **k: traced.append(k.get("glu", False)) or real(*a, **k))
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9)]
-    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
     outs = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("JAXSERVE_SKINNY_MATMUL", flag)
-        jax.clear_caches()   # the per-layer jit would otherwise reuse the other setting's trace
         traced.clear()
-        llm = LLM(tiny_loaded(seed=4, dtype=jnp.bfloat16), max_model_len=32, max_num_seqs=2,
-                  max_num_batched_tokens=16, block_size=8, num_kv_blocks=12,
-                  compilation_cache_dir=None, show_progress=False)
-        outs[flag] = [(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs])
-                      for o in llm.generate(prompts, sp)]
+        outs[flag] = greedy_with_env(monkeypatch, "JAXSERVE_SKINNY_MATMUL", flag, jnp.bfloat16)
         assert bool(traced) == (flag == "1")
         assert (True in traced) == (flag == "1")   # the MLP's SwiGLU ran in the kernel's epilogue
     for (ids0, lp0), (ids1, lp1) in zip(outs["0"], outs["1"]):
