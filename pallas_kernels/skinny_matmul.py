@@ -106,10 +106,14 @@ DTYPES = (jnp.bfloat16, jnp.float16)   # (fp32 would go through the tensor cores
 
 
 def supports(m: int, k: int, n: int, *, block_n: int, block_k: int, splits: int,
-             dtype=jnp.bfloat16) -> bool:
-    """Whether the kernel takes these shapes with these knobs: a 16-bit float dtype, at most
-    MAX_ROWS rows, N a multiple of block_n, K a multiple of splits * block_k (power-of-two
-    blocks, >= 16 for the dot)."""
+             dtype=jnp.bfloat16, glu: bool = False) -> bool:
+    """Whether the kernel takes x [m, k] @ w [k, n] with these knobs: a 16-bit float dtype, at
+    most MAX_ROWS rows, N a multiple of block_n, K a multiple of splits * block_k (power-of-two
+    blocks, >= 16 for the dot). glu: one split, and each half of N in tiles of block_n // 2."""
+    if glu:
+        return (splits == 1 and n % 2 == 0
+                and supports(m, k, n // 2, block_n=block_n // 2, block_k=block_k, splits=1,
+                             dtype=dtype))
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0
     return (jnp.dtype(dtype) in DTYPES and 1 <= m <= MAX_ROWS and pow2(block_n)
             and pow2(block_k) and splits >= 1 and n % block_n == 0 and k % (splits * block_k) == 0)
@@ -134,12 +138,8 @@ def skinny_matmul(
     with `glu` a program takes block_n // 2 gate and as many up columns, the same bytes."""
     m, k = x.shape
     n = w.shape[1]
-    if glu:
-        ok = splits == 1 and n % 2 == 0 and supports(m, k, n // 2, block_n=block_n // 2,
-                                                     block_k=block_k, splits=1, dtype=x.dtype)
-    else:
-        ok = supports(m, k, n, block_n=block_n, block_k=block_k, splits=splits, dtype=x.dtype)
-    if not ok:
+    if not supports(m, k, n, block_n=block_n, block_k=block_k, splits=splits, dtype=x.dtype,
+                    glu=glu):
         raise ValueError(f"skinny_matmul: {x.dtype} [{m}, {k}] @ [{k}, {n}] does not fit "
                          f"block_n={block_n}, block_k={block_k}, splits={splits}, glu={glu} "
                          "(see supports())")

@@ -40,6 +40,9 @@ def test_skinny_matmul_rejects_what_it_does_not_take():
     assert not supports(4, 256, 100, block_n=64, block_k=64, splits=1)   # N % block_n
     assert not supports(4, 256, 128, block_n=64, block_k=64, splits=1, dtype=jnp.float32)
     assert supports(64, 256, 128, block_n=64, block_k=64, splits=4)
+    assert supports(8, 256, 256, block_n=64, block_k=64, splits=1, glu=True)
+    assert not supports(8, 256, 256, block_n=64, block_k=64, splits=2, glu=True)   # whole sums
+    assert not supports(8, 256, 256, block_n=16, block_k=64, splits=1, glu=True)   # 8-col halves
 
 
 def test_matmul_params_table_and_default():

@@ -109,12 +109,12 @@ def project(x: Array, w: Array, *, glu: bool = False) -> Array:
     if params is not None:
         from pallas_kernels import skinny_matmul as sk
         bn, bk, splits, warps, stages = params
-        if not glu or splits == 1:
-            return sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
-                                    num_stages=stages, glu=glu,
-                                    interpret=jax.default_backend() != "gpu")
+        fused = glu and sk.supports(*x.shape, w.shape[1], block_n=bn, block_k=bk, splits=splits,
+                                    dtype=x.dtype, glu=True)
         y = sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
-                             num_stages=stages, interpret=jax.default_backend() != "gpu")
+                             num_stages=stages, glu=fused, interpret=jax.default_backend() != "gpu")
+        if fused or not glu:
+            return y
     else:
         y = jnp.dot(x, w)   # (XLA accumulates bf16 products in fp32 and rounds once, as the kernel)
     if not glu:
