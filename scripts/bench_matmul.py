@@ -8,6 +8,8 @@ default against the best of a sweep of the kernel's launch parameters, as µs, T
 the HBM read ceiling measured in the same run. Every configuration's result is checked against the
 jnp reference before it is timed. Configurations compile in parallel threads. Ends with the
 `MATMUL_TABLE` lines (pallas_kernels/tuning.py) for the shapes where the kernel was >= 3% faster.
+For the fused gate/up weights it also times the MLP's activation: XLA's product + SwiGLU fusions
+against the kernel's SwiGLU epilogue (at the best configuration, where it has one split).
 
     python scripts/bench_matmul.py [--model qwen2.5-7b] [--rows 64 32 16] [--only NAME ...] [--quick]
                                    [--json out.json]
@@ -19,6 +21,7 @@ import argparse
 import concurrent.futures as cf
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -82,7 +85,7 @@ def main() -> None:
             x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
             w = (jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
             mb = k * n * 2 / 1e6
-            copies = min(32, -(-256 // int(mb)))
+            copies = min(32, math.ceil(256 / mb))
             ws = [w] + [jnp.array(w, copy=True) for _ in range(copies - 1)]
             # a copy of x per weight too: XLA merges dots that share an operand (its weight
             # copies would then be concatenated, and timed)
@@ -127,8 +130,19 @@ def main() -> None:
             for r in rows[1:4]:
                 print(f"      {r['us']:6.1f} µs bn={r['block_n']} bk={r['block_k']} s={r['splits']} "
                       f"w={r['num_warps']} st={r['num_stages']}")
+            glu = {}
+            if name.startswith("gate_up") and best and supports(
+                    m, k, n, **{c: best[c] for c in ("block_n", "block_k", "splits")}, glu=True):
+                # the MLP as the engine runs it: product + SwiGLU, XLA's fusions vs the epilogue
+                cfg = {c: best[c] for c in ("block_n", "block_k", "splits", "num_warps", "num_stages")}
+                xla_act = lambda a, b: (lambda g, u: jax.nn.silu(g) * u)(*jnp.split(a @ b, 2, axis=1))
+                glu = {"xla_glu_us": per_call(jax.jit(over_copies(xla_act))),
+                       "glu_us": per_call(jax.jit(over_copies(
+                           lambda a, b: skinny_matmul(a, b, **cfg, glu=True))))}
+                print(f"      with the SwiGLU: XLA {glu['xla_glu_us']:6.1f} µs, kernel's epilogue "
+                      f"{glu['glu_us']:6.1f} µs")
             results.append({"rows": m, "weight": name, "k": k, "n": n, "mb": mb, "xla_us": t_xla,
-                            "table_us": t_chosen, "sweep": rows[:8]})
+                            "table_us": t_chosen, "sweep": rows[:8], **glu})
     # the entries for pallas_kernels/tuning.py's MATMUL_TABLE: shapes where the kernel's best was
     # >= 3% faster than XLA's GEMM
     card = next((c for c in ("H100", "H200", "B200") if c in kind), kind)
