@@ -85,6 +85,24 @@ def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
     assert r["compiles_after_warmup"] == 0
 
 
+def test_skinny_matmul_per_shard_under_tp(tp_results):
+    # the kernel (forced on, interpret mode) on each shard's weights gives one device's tokens.
+    # A bf16 model: the kernel vs XLA's GEMMs and tp=2's partial sums vs one device round
+    # differently, so a greedy path may part after several tokens (the 30-token prompt's does
+    # after 8); the first 6 of every prompt must agree, a wrong kernel would miss from the first
+    one_xla = tp_results["qwen2_kv4_bf16/None/skinny=0"]
+    one = tp_results["qwen2_kv4_bf16/None/skinny=1"]
+    tp2 = tp_results["qwen2_kv4_bf16/tp=2/skinny=1"]
+    assert one_xla["kernel_weights"] == []
+    # hidden 64, 8 heads of 8 dims, F 128: whole weights on one device, their halves under tp=2
+    # (o's 32-row half fits no K tile and stays with XLA)
+    assert [64, 128] in one["kernel_weights"] and [64, 256] in one["kernel_weights"]
+    assert [64, 64] in tp2["kernel_weights"] and [64, 128] in tp2["kernel_weights"]
+    first = lambda r: [t[:6] for t in r["tokens"]]
+    assert first(one) == first(one_xla) and first(tp2) == first(one_xla)
+    assert tp2["compiles_after_warmup"] == 0
+
+
 def test_decode_steps_under_tp_have_two_rows_at_least(tp_results):
     # XLA turns a one-row matmul against a small weight shard into a slow reduction: under tp a
     # lone sequence decodes in a two-row bucket (one padding row), with the same tokens

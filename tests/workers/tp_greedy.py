@@ -76,6 +76,32 @@ result["llama_kv2/tp=2/pallas"] = {
     "single": llm.generate(prompts[2:], sp)[0].outputs[0].token_ids,
     "decode_buckets": llm.engine.runner.decode_buckets,
     "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+# the skinny-matmul kernel per shard (forced on; interpret mode on CPU), bf16: tp=2 against one
+# device, and one device with XLA's GEMMs; which weight shapes went through the kernel
+import os  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
+import pallas_kernels.skinny_matmul as skinny  # noqa: E402
+
+kv4 = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8, num_key_value_heads=4,
+           tie_word_embeddings=True, vocab_size=130)
+real_skinny, shapes = skinny.skinny_matmul, []
+skinny.skinny_matmul = lambda *a, **k: shapes.append(list(a[1].shape)) or real_skinny(*a, **k)
+for mesh, flag in ((None, "0"), (None, "1"), ("tp=2", "1")):
+    os.environ["JAXSERVE_SKINNY_MATMUL"] = flag
+    jax.clear_caches()   # the setting is read when a layer is traced
+    shapes.clear()
+    llm = LLM(tiny_loaded(seed=13, dtype=jnp.bfloat16, **kv4), mesh=mesh, max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
+              compilation_cache_dir=None, show_progress=False)
+    result[f"qwen2_kv4_bf16/{mesh}/skinny={flag}"] = {
+        "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, sp)],
+        "kernel_weights": sorted({tuple(s) for s in shapes}),
+        "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+del os.environ["JAXSERVE_SKINNY_MATMUL"]
+skinny.skinny_matmul = real_skinny
+jax.clear_caches()
 # the peer all-reduce's plumbing: its kernel is GPU-only, so a stand-in for PeerBuffers gives a
 # table of the real shape with capacity 0 (every all-reduce stays XLA's psum) while the table rides
 # through every executable as the last entry of the weights argument
