@@ -56,6 +56,9 @@ def test_matmul_params_table_and_default():
     assert matmul_params("NVIDIA H100 80GB HBM3", 8, 3584, 100) is None     # no tile divides N
     assert matmul_params("NVIDIA H100 80GB HBM3", 8, 3584, 3584, tuned_only=True,
                          dtype="float32") is None
+    # entries claim "faster than XLA" for the card measured: not for other H100 variants
+    assert matmul_params("NVIDIA H100 80GB HBM3", 64, 3584, 18944, tuned_only=True) is not None
+    assert matmul_params("NVIDIA H100 PCIe", 64, 3584, 18944, tuned_only=True) is None
     # every table entry is taken by the kernel at its rows tile
     for (card, rows, k, n), params in MATMUL_TABLE.items():
         assert matmul_params(f"NVIDIA {card}", rows, k, n, tuned_only=True) == params
