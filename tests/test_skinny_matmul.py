@@ -82,11 +82,17 @@ def test_model_forward_with_skinny_matmul_equals_xla(monkeypatch):
         outs[flag] = greedy_with_env(monkeypatch, "JAXSERVE_SKINNY_MATMUL", flag, jnp.bfloat16)
         assert bool(traced) == (flag == "1")
         assert (True in traced) == (flag == "1")   # the MLP's SwiGLU ran in the kernel's epilogue
-    for (ids0, lp0), (ids1, lp1) in zip(outs["0"], outs["1"]):
-        assert ids0 == ids1
-        for a, b in zip(lp0, lp1):
-            np.testing.assert_allclose([x.logprob for _, x in a], [x.logprob for _, x in b],
-                                       rtol=5e-2, atol=5e-2)
+    # the epilogue switched off: the kernel still runs, the SwiGLU goes back to XLA
+    traced.clear()
+    monkeypatch.setenv("JAXSERVE_SKINNY_GLU", "0")
+    outs["no_glu"] = greedy_with_env(monkeypatch, "JAXSERVE_SKINNY_MATMUL", "1", jnp.bfloat16)
+    assert traced and True not in traced
+    for other in ("1", "no_glu"):
+        for (ids0, lp0), (ids1, lp1) in zip(outs["0"], outs[other]):
+            assert ids0 == ids1
+            for a, b in zip(lp0, lp1):
+                np.testing.assert_allclose([x.logprob for _, x in a], [x.logprob for _, x in b],
+                                           rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("m", [1, 7, 64])

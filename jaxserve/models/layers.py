@@ -104,13 +104,14 @@ def project(x: Array, w: Array, *, glu: bool = False) -> Array:
     one matmul: XLA's GEMM, or at decode row counts (T <= 64) the weight-streaming kernel of
     `pallas_kernels.skinny_matmul` (JAXSERVE_SKINNY_MATMUL). glu: w is the fused gate/up [K, 2F]
     and the result silu(gate) * up [T, F] (in the kernel's epilogue when it takes the shape in
-    one split; else XLA's activation after the product)."""
+    one split and JAXSERVE_SKINNY_GLU is not 0; else XLA's activation after the product)."""
     params = _skinny_params(x, w)
     if params is not None:
         from pallas_kernels import skinny_matmul as sk
         bn, bk, splits, warps, stages = params
-        fused = glu and sk.supports(*x.shape, w.shape[1], block_n=bn, block_k=bk, splits=splits,
-                                    dtype=x.dtype, glu=True)
+        fused = (glu and os.environ.get("JAXSERVE_SKINNY_GLU") != "0"
+                 and sk.supports(*x.shape, w.shape[1], block_n=bn, block_k=bk, splits=splits,
+                                 dtype=x.dtype, glu=True))
         y = sk.skinny_matmul(x, w, block_n=bn, block_k=bk, splits=splits, num_warps=warps,
                              num_stages=stages, glu=fused, interpret=jax.default_backend() != "gpu")
         if fused or not glu:
