@@ -126,3 +126,36 @@ def test_engine_tp2_tokens_with_peer_all_reduce(monkeypatch):
     assert runs["peer"][0] == runs["xla"][0] == runs["one"][0]
     np.testing.assert_allclose(np.concatenate(runs["peer"][1]), np.concatenate(runs["xla"][1]),
                                rtol=0, atol=1e-5)
+
+
+@needs_two_gpus
+def test_engine_tp2_with_skinny_matmul_and_peer_all_reduce(monkeypatch):
+    """The decode projections through the skinny-matmul kernel (forced on: the tiny shapes are not
+    in its table) per shard, with the peer all-reduce, on a bf16 model: the halves run the kernel
+    and the first tokens equal one device's with XLA's GEMMs (bf16 rounding differs between the
+    two, so greedy paths may part later; a wrong kernel misses from the first token)."""
+
+    import pallas_kernels.skinny_matmul as skinny
+    from jaxserve import LLM, SamplingParams
+    from tests.engine_fixtures import tiny_loaded
+    overrides = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8,
+                     num_key_value_heads=4, tie_word_embeddings=True, vocab_size=130)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    real, shapes = skinny.skinny_matmul, []
+    monkeypatch.setattr(skinny, "skinny_matmul",
+                        lambda *a, **k: shapes.append(tuple(a[1].shape)) or real(*a, **k))
+    runs = {}
+    for name, mesh, flag in [("one_xla", None, "0"), ("tp2_kernel", "tp=2", "1")]:
+        monkeypatch.setenv("JAXSERVE_SKINNY_MATMUL", flag)
+        jax.clear_caches()
+        shapes.clear()
+        llm = LLM(tiny_loaded(seed=13, dtype=jnp.bfloat16, **overrides), mesh=mesh,
+                  attention_backend="pallas", max_model_len=64, max_num_seqs=4,
+                  max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
+                  compilation_cache_dir=None, show_progress=False)
+        runs[name] = [o.outputs[0].token_ids[:6] for o in llm.generate(prompts, sp)]
+        assert llm.get_stats()["compiles_after_warmup"] == 0
+        assert (len(shapes) > 0) == (flag == "1")
+        llm.shutdown()
+    assert runs["tp2_kernel"] == runs["one_xla"]
