@@ -138,8 +138,10 @@ def test_engine_tp2_with_skinny_matmul_and_peer_all_reduce(monkeypatch):
     import pallas_kernels.skinny_matmul as skinny
     from jaxserve import LLM, SamplingParams
     from tests.engine_fixtures import tiny_loaded
-    overrides = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8,
-                     num_key_value_heads=4, tie_word_embeddings=True, vocab_size=130)
+    # head_dim 16 (hidden 128 over 8 heads): the bf16 attention kernels' dots need K >= 16
+    overrides = dict(architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=256,
+                     num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+                     vocab_size=130)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     real, shapes = skinny.skinny_matmul, []
