@@ -65,37 +65,33 @@ class RMSNorm(nnx.Module):
         return self(s), s
 
 
-def _fused_norm() -> bool:
-    """The fused residual-add + RMSNorm kernel: on by default on GPUs (an H200 decode step 2% faster
-    on one GPU, 2.5-7% under tp=2, docs/benchmarks.md); JAXSERVE_FUSED_NORM=0 keeps XLA's ops, =1
-    forces the kernel (interpret mode off GPU, for tests). Read when a layer is traced, so it is a
-    per-process setting."""
-    flag = os.environ.get("JAXSERVE_FUSED_NORM")
+def _kernel_switch(var: str) -> str:
+    """A kernel's environment switch, read when a layer is traced (so a per-process setting):
+    unset = "default" on GPUs and "off" elsewhere; "1" = "on" (the kernel wherever it fits,
+    interpret mode off GPU, for tests); anything else = "off" (XLA's ops)."""
+    flag = os.environ.get(var)
     if flag is None:
-        return jax.default_backend() == "gpu"
-    return flag == "1"
-
-
-def _skinny_mode() -> str:
-    """JAXSERVE_SKINNY_MATMUL: unset = the skinny-matmul kernel for decode-sized projections on
-    GPUs wherever its table (pallas_kernels/tuning.py) lists the card and shape (measured faster
-    than XLA's GEMM there); 0 = XLA's GEMMs everywhere; 1 = the kernel for every shape it takes,
-    table or not (interpret mode off GPU, for tests). Read when a layer is traced."""
-    flag = os.environ.get("JAXSERVE_SKINNY_MATMUL")
-    if flag is None:
-        return "table" if jax.default_backend() == "gpu" else "off"
+        return "default" if jax.default_backend() == "gpu" else "off"
     return "on" if flag == "1" else "off"
 
 
+def _fused_norm() -> bool:
+    """The fused residual-add + RMSNorm kernel (JAXSERVE_FUSED_NORM): on by default on GPUs (an
+    H200 decode step 2% faster on one GPU, 2.5-7% under tp=2, docs/benchmarks.md)."""
+    return _kernel_switch("JAXSERVE_FUSED_NORM") != "off"
+
+
 def _skinny_params(x: Array, w: Array) -> tuple[int, int, int, int, int] | None:
-    """The skinny-matmul kernel's launch parameters for x @ w where it is to run (see
-    _skinny_mode), else None."""
-    mode = _skinny_mode()
+    """The skinny-matmul kernel's launch parameters for x @ w where it is to run, else None.
+    JAXSERVE_SKINNY_MATMUL (`_kernel_switch`): by default on GPUs wherever its table
+    (pallas_kernels/tuning.py) lists the card and shape (measured faster than XLA's GEMM there);
+    =1 every shape it takes, table or not."""
+    mode = _kernel_switch("JAXSERVE_SKINNY_MATMUL")
     if mode == "off":
         return None
     from pallas_kernels.tuning import matmul_params
     (t, k), n = x.shape, w.shape[1]
-    return matmul_params(jax.devices()[0].device_kind, t, k, n, tuned_only=mode == "table",
+    return matmul_params(jax.devices()[0].device_kind, t, k, n, tuned_only=mode == "default",
                          dtype=x.dtype)
 
 
