@@ -69,15 +69,23 @@ def peer_all_reduce_mode(mesh) -> str:
     return "on" if flag == "1" else "auto"
 
 
-def peer_capacity_bytes(max_tokens: int, hidden: int, itemsize: int) -> int:
-    """The largest all-reduce of a step: its [T, D] activations."""
-    return max_tokens * hidden * itemsize
+def peer_capacity_bytes(mesh, cfg, max_tokens: int, itemsize: int) -> int:
+    """The comm buffers' capacity a runner over `mesh` asks for: the largest all-reduce of a step,
+    its [T, D] activations; 0 where the peer all-reduce will not be tried (the mode is off, or tp
+    does not split the heads and XLA partitions the step). One rule for the runner and the
+    memory plan."""
+    from jaxserve.sharding import splits_heads
+    if peer_all_reduce_mode(mesh) == "off" or not splits_heads(cfg, mesh.shape["tp"]):
+        return 0
+    return max_tokens * cfg.hidden_size * itemsize
 
 
-def peer_buffer_bytes(num_ranks: int, max_tokens: int, hidden: int, itemsize: int) -> int:
-    """Device memory one GPU's comm buffer takes (for the memory plan)."""
+def peer_buffer_bytes(mesh, capacity_bytes: int) -> int:
+    """Device memory one GPU's comm buffer takes for that capacity (for the memory plan)."""
+    if not capacity_bytes:
+        return 0
     from pallas_kernels.peer_all_reduce import comm_buffer_bytes
-    return comm_buffer_bytes(num_ranks, peer_capacity_bytes(max_tokens, hidden, itemsize))
+    return comm_buffer_bytes(mesh.shape["tp"], capacity_bytes)
 
 
 class PeerBuffers:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxserve.collectives import peer_all_reduce_mode, peer_buffer_bytes
+from jaxserve.collectives import peer_buffer_bytes, peer_capacity_bytes
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.outputs import CompletionOutput, InvalidRequestError, Logprob, RequestOutput
 from jaxserve.kv_cache.manager import KVCacheManager
@@ -148,9 +148,7 @@ class EngineCore:
         kv_itemsize = np.dtype(lm.dtype).itemsize
         tp = 1 if mesh is None else mesh.shape["tp"]
         kv_shards = tp if cfg.num_kv_heads % tp == 0 else 1   # else the cache is replicated
-        comm = 0
-        if tp > 1 and splits_heads(cfg, tp) and peer_all_reduce_mode(mesh) != "off":
-            comm = peer_buffer_bytes(tp, max_tokens, cfg.hidden_size, kv_itemsize)
+        comm = peer_buffer_bytes(mesh, peer_capacity_bytes(mesh, cfg, max_tokens, kv_itemsize))
         usable = plan_num_blocks(lm, config, self.max_model_len, max_num_seqs, kv_itemsize,
                                  kv_shards, other_bytes=comm)
         backend = config.attention_backend

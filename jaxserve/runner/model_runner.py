@@ -101,9 +101,10 @@ class ModelRunner:
         self._num_weights = len(self.params)
         self.peer_buffers = None
         if tp > 1 and splits_heads(self.cfg, tp):
-            self.peer_buffers = self._peer_buffers(mesh, peer_capacity_bytes(
-                max(max_num_batched_tokens, max_num_seqs), self.cfg.hidden_size,
-                np.dtype(model.embed[...].dtype).itemsize))
+            capacity = peer_capacity_bytes(mesh, self.cfg, max(max_num_batched_tokens, max_num_seqs),
+                                           np.dtype(model.embed[...].dtype).itemsize)
+            if capacity:
+                self.peer_buffers = self._peer_buffers(mesh, capacity)
             if self.peer_buffers is not None:
                 # NOTE: the comm table rides at the end of the executables' first argument (the
                 # flat weights): one more per-device array, no new argument anywhere.
@@ -388,13 +389,10 @@ class ModelRunner:
         """Comm buffers for the peer-memory all-reduce (`jaxserve/collectives.py`) when this
         mesh's GPUs are all in this process and can reach each other's memory; else None (XLA's
         collectives). Sized for the largest step's [T, D] activations."""
-        mode = peer_all_reduce_mode(mesh)
-        if mode == "off":
-            return None
         try:
             return PeerBuffers(mesh, capacity_bytes)
         except PeerAccessError as e:
-            if mode == "on":
+            if peer_all_reduce_mode(mesh) == "on":
                 raise
             print(f"jaxserve: peer all-reduce unavailable ({e}); using XLA's collectives",
                   file=sys.stderr)

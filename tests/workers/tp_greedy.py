@@ -120,8 +120,10 @@ class _StandInPeer:
         self.tp = TensorParallel(axis, n, self.table, capacity_bytes=0)
 
 
+import jaxserve.collectives as collectives  # noqa: E402
+
 model_runner.PeerBuffers = _StandInPeer
-model_runner.peer_all_reduce_mode = lambda mesh: "auto"
+collectives.peer_all_reduce_mode = lambda mesh: "auto"   # (CPU devices: "off" otherwise)
 llm = LLM(tiny_loaded(seed=13, architectures=["Qwen2ForCausalLM"], num_attention_heads=8,
                       num_key_value_heads=4, tie_word_embeddings=True, vocab_size=130),
           mesh="tp=2", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
