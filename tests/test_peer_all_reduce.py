@@ -102,22 +102,30 @@ def test_too_large_a_message_falls_back_to_xla(two_gpu_comm):
     assert "psum" in large and "peer_all_reduce" not in large
 
 
+PROMPTS = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
+
+
+def _tiny_qwen2_engine(mesh, dtype=jnp.float32, **overrides):
+    """The tiny Qwen2 (kv heads 4: tp=2 splits the heads) in an engine with the Pallas attention."""
+    from jaxserve import LLM
+    from tests.engine_fixtures import tiny_loaded
+    model = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8, num_key_value_heads=4,
+                 tie_word_embeddings=True, vocab_size=130, **overrides)
+    return LLM(tiny_loaded(seed=13, dtype=dtype, **model), mesh=mesh, attention_backend="pallas",
+               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
+               num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
+
+
 @needs_two_gpus
 def test_engine_tp2_tokens_with_peer_all_reduce(monkeypatch):
-    from jaxserve import LLM, SamplingParams
-    from tests.engine_fixtures import tiny_loaded
-    overrides = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8,
-                     num_key_value_heads=4, tie_word_embeddings=True, vocab_size=130)
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
+    from jaxserve import SamplingParams
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
     runs = {}
     for name, mesh, flag in [("one", None, "0"), ("xla", "tp=2", "0"), ("peer", "tp=2", "1")]:
         monkeypatch.setenv("JAXSERVE_PEER_ALL_REDUCE", flag)
-        llm = LLM(tiny_loaded(seed=13, **overrides), mesh=mesh, attention_backend="pallas",
-                  max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
-                  num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
+        llm = _tiny_qwen2_engine(mesh)
         assert (llm.engine.runner.peer_buffers is not None) == (name == "peer")
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate(PROMPTS, sp)
         runs[name] = ([o.outputs[0].token_ids for o in outs],
                       [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                        for o in outs])
@@ -134,15 +142,8 @@ def test_engine_tp2_with_skinny_matmul_and_peer_all_reduce(monkeypatch):
     in its table) per shard, with the peer all-reduce, on a bf16 model: the halves run the kernel
     and the first tokens equal one device's with XLA's GEMMs (bf16 rounding differs between the
     two, so greedy paths may part later; a wrong kernel misses from the first token)."""
-
     import pallas_kernels.skinny_matmul as skinny
-    from jaxserve import LLM, SamplingParams
-    from tests.engine_fixtures import tiny_loaded
-    # head_dim 16 (hidden 128 over 8 heads): the bf16 attention kernels' dots need K >= 16
-    overrides = dict(architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=256,
-                     num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
-                     vocab_size=130)
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 30)]
+    from jaxserve import SamplingParams
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     real, shapes = skinny.skinny_matmul, []
     monkeypatch.setattr(skinny, "skinny_matmul",
@@ -152,11 +153,9 @@ def test_engine_tp2_with_skinny_matmul_and_peer_all_reduce(monkeypatch):
         monkeypatch.setenv("JAXSERVE_SKINNY_MATMUL", flag)
         jax.clear_caches()
         shapes.clear()
-        llm = LLM(tiny_loaded(seed=13, dtype=jnp.bfloat16, **overrides), mesh=mesh,
-                  attention_backend="pallas", max_model_len=64, max_num_seqs=4,
-                  max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
-                  compilation_cache_dir=None, show_progress=False)
-        runs[name] = [o.outputs[0].token_ids[:6] for o in llm.generate(prompts, sp)]
+        # head_dim 16 (hidden 128 over 8 heads): the bf16 attention kernels' dots need K >= 16
+        llm = _tiny_qwen2_engine(mesh, jnp.bfloat16, hidden_size=128, intermediate_size=256)
+        runs[name] = [o.outputs[0].token_ids[:6] for o in llm.generate(PROMPTS, sp)]
         assert llm.get_stats()["compiles_after_warmup"] == 0
         assert (len(shapes) > 0) == (flag == "1")
         llm.shutdown()
