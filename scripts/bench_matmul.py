@@ -37,6 +37,10 @@ from pallas_kernels.skinny_matmul import (skinny_matmul, skinny_matmul_reference
 from pallas_kernels.tuning import matmul_params  # noqa: E402
 
 
+# the kernel's launch parameters, in MATMUL_TABLE's order
+KNOBS = ("block_n", "block_k", "splits", "num_warps", "num_stages")
+
+
 def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(K, N) of the four projections of a layer as the model stores them (fused q/k/v, o, fused
     gate/up, down), whole and as one GPU's shard under tp=2."""
@@ -61,7 +65,7 @@ def grid(m: int, k: int, n: int, quick: bool) -> list[dict]:
             continue
         if quick and (stages == 5 or bk == 256):
             continue
-        out.append(dict(block_n=bn, block_k=bk, splits=splits, num_warps=warps, num_stages=stages))
+        out.append(dict(zip(KNOBS, (bn, bk, splits, warps, stages))))
     return out
 
 
@@ -98,7 +102,7 @@ def main() -> None:
             configs = grid(m, k, n, args.quick)
 
             def build(cfg):
-                f = jax.jit(over_copies(functools_partial(cfg)))
+                f = jax.jit(over_copies(kernel(cfg)))
                 return cfg, f.lower(*xs, *ws).compile()
 
             rows = []
@@ -118,8 +122,7 @@ def main() -> None:
             chosen = matmul_params(kind, m, k, n)
             t_chosen = None
             if chosen is not None:
-                cfg = dict(zip(("block_n", "block_k", "splits", "num_warps", "num_stages"), chosen))
-                t_chosen = per_call(jax.jit(over_copies(functools_partial(cfg))))
+                t_chosen = per_call(jax.jit(over_copies(kernel(dict(zip(KNOBS, chosen))))))
             best = rows[0] if rows else None
             print(f"M={m:3d} {name:10s} {mb:6.1f} MB | XLA {t_xla:6.1f} µs ({pct(t_xla):3.0f}%)"
                   + (f" | best {best['us']:6.1f} µs ({pct(best['us']):3.0f}%) "
@@ -131,14 +134,14 @@ def main() -> None:
                 print(f"      {r['us']:6.1f} µs bn={r['block_n']} bk={r['block_k']} s={r['splits']} "
                       f"w={r['num_warps']} st={r['num_stages']}")
             glu = {}
-            if name.startswith("gate_up") and best and supports(
-                    m, k, n, **{c: best[c] for c in ("block_n", "block_k", "splits")}, glu=True):
+            cfg = {c: best[c] for c in KNOBS} if best else None
+            if name.startswith("gate_up") and cfg and supports(
+                    m, k, n, block_n=cfg["block_n"], block_k=cfg["block_k"], splits=cfg["splits"],
+                    glu=True):
                 # the MLP as the engine runs it: product + SwiGLU, XLA's fusions vs the epilogue
-                cfg = {c: best[c] for c in ("block_n", "block_k", "splits", "num_warps", "num_stages")}
                 xla_act = lambda a, b: (lambda g, u: jax.nn.silu(g) * u)(*jnp.split(a @ b, 2, axis=1))
                 glu = {"xla_glu_us": per_call(jax.jit(over_copies(xla_act))),
-                       "glu_us": per_call(jax.jit(over_copies(
-                           lambda a, b: skinny_matmul(a, b, **cfg, glu=True))))}
+                       "glu_us": per_call(jax.jit(over_copies(kernel(cfg, glu=True))))}
                 print(f"      with the SwiGLU: XLA {glu['xla_glu_us']:6.1f} µs, kernel's epilogue "
                       f"{glu['glu_us']:6.1f} µs")
             results.append({"rows": m, "weight": name, "k": k, "n": n, "mb": mb, "xla_us": t_xla,
@@ -168,8 +171,9 @@ def over_copies(mm):
     return f
 
 
-def functools_partial(cfg: dict):
-    return lambda a, b: skinny_matmul(a, b, **cfg)
+def kernel(cfg: dict, glu: bool = False):
+    """x, w -> the skinny matmul at the launch parameters `cfg` (KNOBS)."""
+    return lambda a, b: skinny_matmul(a, b, **cfg, glu=glu)
 
 
 if __name__ == "__main__":
