@@ -5,10 +5,11 @@ to hundreds of MB. XLA's GEMMs read the Qwen2.5-7B shapes at 57-86% of the HBM c
 and the tensor-parallel halves at 38-68% (docs/benchmarks.md, "the decode matmuls"): too few
 output tiles to keep every SM streaming, and the tile shapes chosen for compute. This kernel
 streams the weight instead. Grid (N / block_n column tiles, splits over K): each program walks its
-[K / splits, block_n] slab of the weight `block_k` rows at a time (Triton pipelines the loads over
-`num_stages`), multiplies each slab piece by the matching [Mp, block_k] columns of the activation
-(rows padded to a power of two >= 16 by masked loads, for the tensor-core dot; nothing past M is
-read or written) and accumulates in fp32. One split stores the result in the output dtype; several
+[~K / splits, block_n] slab of the weight `block_k` rows at a time (Triton pipelines the loads
+over `num_stages`; the splits share K's block_k pieces as evenly as they go, one more for some
+where they do not divide), multiplies each slab piece by the matching [Mp, block_k] columns of the
+activation (rows padded to a power of two >= 16 by masked loads, for the tensor-core dot; nothing
+past M is read or written) and accumulates in fp32. One split stores the result in the output dtype; several
 store fp32 partials [splits, M, N] that a jnp epilogue sums (a small XLA fusion, ~1.5 µs).
 
 SwiGLU variant (`glu=True`, one split): the weight is the MLP's fused gate/up [K, 2F]; a program
@@ -30,11 +31,13 @@ from jax.experimental import pallas as pl
 MAX_ROWS = 64
 
 
-def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int, steps: int,
-                   glu: bool):
+def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int, total: int,
+                   splits: int, glu: bool):
     # x_ref: [M, K] the activation; w_ref: [K, N] the weight; o_ref: [M, N], the output (one
-    # split) or this split's fp32 partial. Program (j, s) computes columns
-    # [j*block_n, (j+1)*block_n) over the K rows [s*steps*block_k, (s+1)*steps*block_k).
+    # split) or this split's fp32 partial. The K rows are `total` pieces of block_k; split s of
+    # S = splits takes pieces [s*total//S, (s+1)*total//S) in ceil(total / S) iterations (where
+    # S does not divide total, an iteration past its split's end loads nothing: masked).
+    # Program (j, s) computes columns [j*block_n, (j+1)*block_n) over its split's pieces.
     # glu: w_ref is [K, 2F] (gate columns, then up columns), o_ref [M, F]; program j computes
     # block_n gate and block_n up columns and stores silu(gate) * up.
     from jax.experimental.pallas import triton as plgpu
@@ -44,16 +47,28 @@ def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int
     m = x_ref.shape[0]
     r = jnp.arange(rows, dtype=jnp.int32)
     row_mask = (r < m)[:, None]
-    k0 = s * (steps * block_k)
+    even = total % splits == 0
+    steps = -(-total // splits)
+    first = s * steps if even else s * total // splits
+    end = (s + 1) * total // splits
     n0 = pl.multiple_of(j * block_n, block_n)
     halves = (0, w_ref.shape[1] // 2) if glu else (0,)
 
     def step(i, accs):
-        k = pl.multiple_of(k0 + i * block_k, block_k)
-        a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)], mask=row_mask, other=0)
-        return tuple(acc + jnp.dot(a, w_ref[pl.ds(k, block_k), pl.ds(h + n0, block_n)],
-                                   preferred_element_type=jnp.float32)
-                     for acc, h in zip(accs, halves))
+        if even:
+            k = pl.multiple_of((first + i) * block_k, block_k)
+            a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)], mask=row_mask, other=0)
+            ws = [w_ref[pl.ds(k, block_k), pl.ds(h + n0, block_n)] for h in halves]
+        else:
+            valid = first + i < end
+            k = pl.multiple_of(jnp.minimum(first + i, total - 1) * block_k, block_k)
+            a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)],
+                           mask=row_mask & valid, other=0)
+            w_mask = jnp.broadcast_to(valid, (block_k, block_n))
+            ws = [plgpu.load(w_ref.at[pl.ds(k, block_k), pl.ds(h + n0, block_n)], mask=w_mask,
+                             other=0) for h in halves]
+        return tuple(acc + jnp.dot(a, w, preferred_element_type=jnp.float32)
+                     for acc, w in zip(accs, ws))
 
     zeros = tuple(jnp.zeros((rows, block_n), jnp.float32) for _ in halves)
     accs = jax.lax.fori_loop(0, steps, step, zeros)
@@ -73,9 +88,8 @@ def _skinny_call(x, w, *, block_n, block_k, splits, num_warps, num_stages, out_d
     m, k = x.shape
     n = w.shape[1] // 2 if glu else w.shape[1]     # output columns
     rows = max(16, 1 << (m - 1).bit_length())
-    steps = k // (splits * block_k)
     kernel = functools.partial(_skinny_kernel, rows=rows, block_n=block_n, block_k=block_k,
-                               steps=steps, glu=glu)
+                               total=k // block_k, splits=splits, glu=glu)
     whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -108,15 +122,17 @@ DTYPES = (jnp.bfloat16, jnp.float16)   # (fp32 would go through the tensor cores
 def supports(m: int, k: int, n: int, *, block_n: int, block_k: int, splits: int,
              dtype=jnp.bfloat16, glu: bool = False) -> bool:
     """Whether the kernel takes x [m, k] @ w [k, n] with these knobs: a 16-bit float dtype, at
-    most MAX_ROWS rows, N a multiple of block_n, K a multiple of splits * block_k (power-of-two
-    blocks, >= 16 for the dot). glu: one split, and each half of N in tiles of block_n // 2."""
+    most MAX_ROWS rows, N a multiple of block_n, K a multiple of block_k with at least `splits`
+    pieces (power-of-two blocks, >= 16 for the dot; the splits need not divide the pieces
+    evenly). glu: one split, and each half of N in tiles of block_n // 2."""
     if glu:
         return (splits == 1 and n % 2 == 0
                 and supports(m, k, n // 2, block_n=block_n // 2, block_k=block_k, splits=1,
                              dtype=dtype))
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0
     return (jnp.dtype(dtype) in DTYPES and 1 <= m <= MAX_ROWS and pow2(block_n)
-            and pow2(block_k) and splits >= 1 and n % block_n == 0 and k % (splits * block_k) == 0)
+            and pow2(block_k) and n % block_n == 0 and k % block_k == 0
+            and 1 <= splits <= k // block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps",

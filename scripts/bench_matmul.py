@@ -56,14 +56,19 @@ def grid(m: int, k: int, n: int, quick: bool) -> list[dict]:
     rows = max(16, 1 << (m - 1).bit_length())
     out = []
     for bn, bk, splits, warps, stages in itertools.product(
-            (32, 64, 128, 256), (64, 128, 256), (1, 2, 4, 8), (4, 8), (3, 4, 5)):
+            (32, 64, 128, 256), (64, 128, 256), (1, 2, 3, 4, 5, 6, 8, 12, 16), (4, 8), (3, 4, 5)):
         if not supports(m, k, n, block_n=bn, block_k=bk, splits=splits):
             continue
         programs = n // bn * splits
         smem = stages * (bk * bn + rows * bk) * 2
         if not 64 <= programs <= 2048 or smem > 200 * 1024 or (warps == 8 and bn < 128):
             continue
-        if quick and (stages == 5 or bk == 256):
+        # the fp32 partials (written, then read by the sum) at most ~1/4 of the weight's bytes
+        if splits > 1 and splits * rows * 4 * n > k * n * 2 / 4:
+            continue
+        # quick: 4 warps (8 never led a sweep), 3-4 stages, 64-128-row pieces, and no more
+        # programs than ~4 per SM
+        if quick and (warps == 8 or stages == 5 or bk == 256 or programs > 528):
             continue
         out.append(dict(zip(KNOBS, (bn, bk, splits, warps, stages))))
     return out
@@ -146,6 +151,10 @@ def main() -> None:
                       f"{glu['glu_us']:6.1f} µs")
             results.append({"rows": m, "weight": name, "k": k, "n": n, "mb": mb, "xla_us": t_xla,
                             "table_us": t_chosen, "sweep": rows[:8], **glu})
+            if args.json:   # after every shape, so a run stopped early keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"device": kind, "model": args.model, "ceiling_dev_tbs": ceiling_dev,
+                               "results": results}, fh, indent=1)
     # the entries for pallas_kernels/tuning.py's MATMUL_TABLE: shapes where the kernel's best was
     # >= 3% faster than XLA's GEMM
     card = kind.removeprefix("NVIDIA ")   # the table's key: the card as measured
@@ -157,10 +166,6 @@ def main() -> None:
             print(f'    ("{card}", {tile}, {r["k"]}, {r["n"]}): ({b["block_n"]}, {b["block_k"]}, '
                   f'{b["splits"]}, {b["num_warps"]}, {b["num_stages"]}),   # {r["weight"]} '
                   f'{r["xla_us"]:.1f} -> {b["us"]:.1f}')
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": kind, "ceiling_dev_tbs": ceiling_dev, "results": results}, fh,
-                      indent=1)
 
 
 def over_copies(mm):

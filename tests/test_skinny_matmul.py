@@ -17,6 +17,8 @@ ON_GPU = jax.default_backend() == "gpu"
     (256, 128, 64, 64, 1),      # several K steps, two column tiles
     (512, 256, 128, 64, 2),     # fp32 partials summed after the kernel
     (384, 96, 32, 32, 4),       # K and N not powers of two
+    (448, 64, 32, 64, 3),       # 7 K pieces over 3 splits: 2, 2, 3 (one masked step for two)
+    (320, 64, 64, 64, 5),       # as many splits as pieces
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_skinny_matmul_matches_reference(m, k, n, block_n, block_k, splits, dtype):
@@ -40,6 +42,8 @@ def test_skinny_matmul_rejects_what_it_does_not_take():
     assert not supports(4, 256, 100, block_n=64, block_k=64, splits=1)   # N % block_n
     assert not supports(4, 256, 128, block_n=64, block_k=64, splits=1, dtype=jnp.float32)
     assert supports(64, 256, 128, block_n=64, block_k=64, splits=4)
+    assert supports(64, 448, 128, block_n=64, block_k=64, splits=3)       # 7 pieces, uneven
+    assert not supports(64, 256, 128, block_n=64, block_k=64, splits=5)   # more splits than pieces
     assert supports(8, 256, 256, block_n=64, block_k=64, splits=1, glu=True)
     assert not supports(8, 256, 256, block_n=64, block_k=64, splits=2, glu=True)   # whole sums
     assert not supports(8, 256, 256, block_n=16, block_k=64, splits=1, glu=True)   # 8-col halves
