@@ -55,6 +55,23 @@ class TensorParallel:
     def all_gather(self, x: jax.Array, axis: int) -> jax.Array:
         return jax.lax.all_gather(x, self.axis, axis=axis, tiled=True)
 
+    def gather_small(self, x: jax.Array) -> jax.Array:
+        """Every rank's x [...] (float32) -> [size, ...] on every rank, rank r's at index r: for a
+        few numbers per row. Through the peer all-reduce where it serves the step, as a sum of
+        each rank's x placed in its own row over zeros (exact: every sum adds zeros to one
+        value), so the step keeps no XLA collective; else XLA's all-gather."""
+        if self.table is not None:
+            from pallas_kernels.peer_all_reduce import fits
+            placed = stack_by_sum_input(x, self.index(), self.size)
+            if fits(placed, self.capacity_bytes):
+                return self.psum(placed)
+        return jax.lax.all_gather(x, self.axis)
+
+
+def stack_by_sum_input(x: jax.Array, index, size: int) -> jax.Array:
+    """[size, ...] zeros with x in row `index`: summed over the ranks, every rank's x in its row."""
+    return jnp.zeros((size, *x.shape), x.dtype).at[index].set(x)
+
 
 def peer_all_reduce_mode(mesh) -> str:
     """"auto" where the peer all-reduce can serve `mesh` (tp > 1 over GPUs all in this process),

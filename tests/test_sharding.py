@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -83,6 +84,35 @@ def test_pallas_decode_kernel_per_shard_under_tp(tp_results):
     r = tp_results["llama_kv2/tp=2/pallas"]
     assert r["tokens"] == tp_results["llama_kv2/None"]["tokens"]
     assert r["compiles_after_warmup"] == 0
+
+
+def test_greedy_tokens_picked_per_vocab_shard(tp_results):
+    # greedy decode steps under tp pick their tokens from each shard's slice of the LM head:
+    # the same tokens and logprobs as one device, with the head split (tp=2), replicated (tp=4),
+    # or the logits gathered first (switch off)
+    base = tp_results["qwen2_kv4/None/pallas"]
+    assert base["tokens"] == tp_results["qwen2_kv4/None"]["tokens"]
+    for key, traced in (("tp=2/pallas/vocab_parallel=1", [[65, True]]),
+                        ("tp=4/pallas/vocab_parallel=1", [[130, False]]),
+                        ("tp=2/pallas/vocab_parallel=0", [])):
+        r = tp_results[f"qwen2_kv4/{key}"]
+        assert r["traced"] == traced, key
+        assert r["tokens"] == base["tokens"], key
+        np.testing.assert_allclose(r["cumulative_logprob"], base["cumulative_logprob"],
+                                   rtol=1e-4, atol=1e-4)
+        assert r["compiles_after_warmup"] == 0
+
+
+def test_greedy_vocab_parallel_equals_the_samplers_greedy_mode(tp_results):
+    # 4 shards of random logits with penalties, biases, a stop mask and ties (across shards
+    # and inside one): the whole-vocab argmax's tokens (ties to the lower id), its logprobs
+    r = tp_results["greedy_vocab_parallel/unit"]
+    assert r["tokens"] == r["want_tokens"]
+    assert r["tokens"][:2] == [7, 13]
+    np.testing.assert_allclose(r["lp"], r["want_lp"], rtol=1e-5, atol=1e-5)
+    # the shards' statistics exchanged as a sum of rows placed over zeros (the peer all-reduce's
+    # way) equal XLA's all-gather of them, bit for bit
+    assert r["exchange_equal"]
 
 
 def test_skinny_matmul_per_shard_under_tp(tp_results):

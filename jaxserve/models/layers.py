@@ -290,8 +290,14 @@ class CausalLM(nnx.Module):
 
     def compute_logits(self, hidden: Array, tp: TensorParallel | None = None) -> Array:
         """[S, D] -> [S, V] float32 (vocab-split heads are gathered whole)."""
+        logits, _, split = self.compute_local_logits(hidden, tp)
+        return tp.all_gather(logits, axis=1) if split else logits
+
+    def compute_local_logits(self, hidden: Array, tp: TensorParallel | None = None
+                             ) -> tuple[Array, Array | int, bool]:
+        """[S, D] -> (this shard's logits [S, V / tp] float32, the first vocab id they cover,
+        whether the head is split over tp); unsplit: ([S, V], 0, False)."""
         w = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("SD,VD->SV", hidden, w, preferred_element_type=jnp.float32)
-        if tp is not None and w.shape[0] < self.config.vocab_size:
-            logits = tp.all_gather(logits, axis=1)
-        return logits
+        split = tp is not None and w.shape[0] < self.config.vocab_size
+        return logits, (tp.index() * w.shape[0] if split else 0), split

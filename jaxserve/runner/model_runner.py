@@ -38,7 +38,8 @@ from jaxserve.runner.compile import CompileCounter
 from jaxserve.runner.packing import (pack_forward, pack_result, pack_sampling, unpack_forward,
                                      unpack_result, unpack_sampling)
 from jaxserve.sampling.sampler import (FILL_SIZES, SAMPLER_MODES, SamplingTensors, SlotFills,
-                                       fill_slots, init_sampler_state, sample, sampler_mode)
+                                       fill_slots, finish_without_top, greedy_vocab_parallel,
+                                       init_sampler_state, sample, sampler_mode)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
 from jaxserve.sharding import kv_cache_sharding, replicated, splits_heads
@@ -67,6 +68,12 @@ def _no_src(num_tokens: int) -> np.ndarray:
 
 def _seed32(seed: int) -> int:
     return int(seed) & 0xFFFFFFFF
+
+
+def _vocab_parallel_greedy() -> bool:
+    """Greedy decode steps under tp pick tokens per vocab shard (default);
+    JAXSERVE_VOCAB_PARALLEL_GREEDY=0 gathers the logits first (read when a step is traced)."""
+    return os.environ.get("JAXSERVE_VOCAB_PARALLEL_GREEDY", "1") != "0"
 
 
 def _fused_decode_sampler() -> bool:
@@ -168,13 +175,16 @@ class ModelRunner:
 
     # -- the jitted step ------------------------------------------------------------------------
     def _forward_fn(self, params, kv, packed, last_token, *, t: int, s: int,
-                    backend: AttentionBackend):
+                    backend: AttentionBackend, greedy=None):
+        """(logits [S, V], KV cache); with `greedy` = (sampler state, sampling tensors) under
+        tensor parallelism: ((greedy tokens [S], their logprobs [S]), KV cache), picked by the
+        shards from their slices of a vocab-split head (`greedy_vocab_parallel`)."""
         input_ids, positions, meta, logits_indices, src_slot = unpack_forward(
             packed, t, s, self.max_blocks_per_seq)
         # placeholders (src_slot >= 0) take the token their slot sampled in the previous step
         input_ids = jnp.where(src_slot >= 0, last_token[jnp.maximum(src_slot, 0)], input_ids)
 
-        def body(params, kv, input_ids, positions, meta, logits_indices, per_shard=False):
+        def body(params, kv, input_ids, positions, meta, logits_indices, greedy, per_shard=False):
             weights, tp = params[:self._num_weights], None
             if per_shard:
                 tp = TensorParallel("tp", self.mesh.shape["tp"])
@@ -182,17 +192,21 @@ class ModelRunner:
                     tp = dataclasses.replace(self.peer_buffers.tp, table=params[self._num_weights])
             model = nnx.merge(self.graphdef, jax.tree.unflatten(self.param_tree, weights))
             hidden, kv = model(input_ids, positions, kv, meta, backend, tp)
-            return model.compute_logits(hidden[logits_indices], tp), kv
+            if greedy is None:
+                return model.compute_logits(hidden[logits_indices], tp), kv
+            logits, offset, split = model.compute_local_logits(hidden[logits_indices], tp)
+            return greedy_vocab_parallel(logits, offset, *greedy, tp if split else None), kv
 
         if self._tp_specs is None:
-            logits, kv = body(params, kv, input_ids, positions, meta, logits_indices)
+            assert greedy is None, "greedy_vocab_parallel is for tensor-parallel steps"
+            logits, kv = body(params, kv, input_ids, positions, meta, logits_indices, None)
         else:
             from jax.sharding import PartitionSpec as P
             pspecs, kvspecs = self._tp_specs
             logits, kv = jax.shard_map(
                 functools.partial(body, per_shard=True), mesh=self.mesh,
-                in_specs=(pspecs, kvspecs, P(), P(), P(), P()), out_specs=(P(), kvspecs),
-                check_vma=False)(params, kv, input_ids, positions, meta, logits_indices)
+                in_specs=(pspecs, kvspecs, P(), P(), P(), P(), P()), out_specs=(P(), kvspecs),
+                check_vma=False)(params, kv, input_ids, positions, meta, logits_indices, greedy)
         if self._kv_sharding is not None:
             # NOTE: pin the donated state's layout so every step variant hands the next call
             # arrays with the same shardings: no recompiles after warm-up.
@@ -210,7 +224,16 @@ class ModelRunner:
     def _decode_sample_fn(self, params, kv, packed, sstate, sampling, *, t: int, s: int,
                           forward, mode: str):
         """A decode step and its sampler as one executable: (packed result, KV cache, sampler
-        state). `forward` is `_forward_fn` with the decode backend bound."""
+        state). `forward` is `_forward_fn` with the decode backend bound. Greedy steps under
+        tensor parallelism pick their tokens per vocab shard (no [S, V] logits gathered;
+        JAXSERVE_VOCAB_PARALLEL_GREEDY=0 gathers them and samples as elsewhere)."""
+        if mode == "greedy" and self._tp_specs is not None and _vocab_parallel_greedy():
+            st = unpack_sampling(sampling, s)
+            (tokens, lp), kv = forward(params, kv, packed, sstate.last_token, t=t, s=s,
+                                       greedy=(sstate, st))
+            tokens, lp, top_ids, top_lp, sstate = finish_without_top(tokens, lp, sstate, st)
+            sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
+            return pack_result(tokens, lp, top_ids, top_lp), kv, sstate
         logits, kv = forward(params, kv, packed, sstate.last_token, t=t, s=s)
         result, sstate = self._sample_fn(logits, sstate, sampling, mode=mode)
         return result, kv, sstate

@@ -151,14 +151,21 @@ class SlotFills:
         return calls
 
 
-def apply_penalties_and_bias(logits: jax.Array, state: SamplerState, t: SamplingTensors) -> jax.Array:
-    counts = state.out_counts[t.slot]                         # [S, V]
-    seen = (counts > 0) | state.prompt_mask[t.slot]
+def apply_penalties_and_bias(logits: jax.Array, state: SamplerState, t: SamplingTensors,
+                             offset=0) -> jax.Array:
+    """logits [S, W] of the vocab ids [offset, offset + W) (W = V: the whole vocab)."""
+    width = logits.shape[-1]
+
+    def rows(x):   # [R, V] -> the batch's rows, these logits' columns: [S, W]
+        x = x[t.slot]
+        return x if width == x.shape[-1] else jax.lax.dynamic_slice_in_dim(x, offset, width, 1)
+    counts = rows(state.out_counts)
+    seen = (counts > 0) | rows(state.prompt_mask)
     rep = t.repetition[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0)
-    logits = logits + state.bias[t.slot]
-    return jnp.where(state.stop_mask[t.slot] & t.block_stop[:, None], _NEG, logits)
+    logits = logits + rows(state.bias)
+    return jnp.where(rows(state.stop_mask) & t.block_stop[:, None], _NEG, logits)
 
 
 def _filter_top_k_top_p(logits: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -219,15 +226,51 @@ def sample(logits: jax.Array, state: SamplerState, t: SamplingTensors, mode: str
         tokens = jnp.where(t.temperature > 0, drawn, tokens)
 
     chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    k = min(NUM_TOP_LOGPROBS, logits.shape[-1])
     if mode == "full":
-        top_lp, top_ids = jax.lax.top_k(raw_logprobs, k)
-    else:
-        top_lp = jnp.zeros((logits.shape[0], k), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], k), jnp.int32)
+        top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits.shape[-1]))
+        return tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp, record(tokens, state, t)
+    return finish_without_top(tokens, chosen_lp, state, t)
+
+
+def record(tokens: jax.Array, state: SamplerState, t: SamplingTensors) -> SamplerState:
+    """The state after the rows sampled `tokens` [S]: output counts and last tokens."""
     counts = state.out_counts.at[t.slot, tokens].add(t.valid.astype(jnp.int32))
     # padding rows share slot 0 with a real row: send their writes out of bounds (dropped)
     rows = jnp.where(t.valid, t.slot, state.last_token.shape[0])
     last = state.last_token.at[rows].set(tokens, mode="drop")
-    state = dataclasses.replace(state, out_counts=counts, last_token=last)
-    return tokens, chosen_lp, top_ids.astype(jnp.int32), top_lp, state
+    return dataclasses.replace(state, out_counts=counts, last_token=last)
+
+
+def finish_without_top(tokens: jax.Array, chosen_lp: jax.Array, state: SamplerState,
+                       t: SamplingTensors):
+    """`sample`'s outputs for a mode without top-K logprobs (zeros there)."""
+    k = min(NUM_TOP_LOGPROBS, state.out_counts.shape[-1])
+    zeros = jnp.zeros((tokens.shape[0], k), jnp.float32)
+    return tokens, chosen_lp, zeros.astype(jnp.int32), zeros, record(tokens, state, t)
+
+
+def greedy_vocab_parallel(logits: jax.Array, offset, state: SamplerState, t: SamplingTensors,
+                          tp=None) -> tuple[jax.Array, jax.Array]:
+    """`sample`'s greedy tokens [S] and their raw logprobs [S] from a vocab-split LM head, called
+    per shard inside `shard_map` with this shard's logits [S, V / tp] of the ids from `offset`.
+    Each shard reduces its slice to four numbers per row (penalised max, its id, the raw
+    log-sum-exp, the raw logit at that id); the shards exchange those ([tp, S, 4],
+    `TensorParallel.gather_small`) and all pick the same token, the one the whole vocab's
+    argmax gives (ties to the lower id: shards hold consecutive ids, and the first shard with
+    the max wins). The [S, V] logits are never gathered. tp None: an unsplit head."""
+    if tp is not None and state.out_counts.shape[-1] >= 1 << 24:
+        raise ValueError("greedy_vocab_parallel: ids are exchanged as float32 (vocab < 2**24)")
+    pen = apply_penalties_and_bias(logits, state, t, offset)
+    j = jnp.argmax(pen, axis=-1)
+    mx = jnp.max(logits, axis=-1)
+    lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[:, None]), axis=-1))
+    stats = jnp.stack([jnp.take_along_axis(pen, j[:, None], axis=-1)[:, 0],
+                       (offset + j).astype(jnp.float32), lse,
+                       jnp.take_along_axis(logits, j[:, None], axis=-1)[:, 0]], axis=-1)
+    every = stats[None] if tp is None else tp.gather_small(stats)        # [tp, S, 4]
+    win = jnp.argmax(every[..., 0], axis=0)                               # [S]
+    pick = jnp.take_along_axis(every, win[None, :, None], axis=0)[0]      # [S, 4]
+    lses = every[..., 2]
+    top = lses.max(axis=0)
+    total = top + jnp.log(jnp.sum(jnp.exp(lses - top), axis=0))
+    return pick[:, 1].astype(jnp.int32), pick[:, 3] - total

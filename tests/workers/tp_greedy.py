@@ -76,16 +76,105 @@ result["llama_kv2/tp=2/pallas"] = {
     "single": llm.generate(prompts[2:], sp)[0].outputs[0].token_ids,
     "decode_buckets": llm.engine.runner.decode_buckets,
     "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
-# the skinny-matmul kernel per shard (forced on; interpret mode on CPU), bf16: tp=2 against one
-# device, and one device with XLA's GEMMs; which weight shapes went through the kernel
+# greedy decode steps picking their tokens per vocab shard (the fused decode executables of the
+# Pallas backend): vocab 130 splits over tp=2, not over tp=4 (replicated head); and with the
+# logits gathered instead (JAXSERVE_VOCAB_PARALLEL_GREEDY=0). Which paths were traced.
 import os  # noqa: E402
+
+import jaxserve.runner.model_runner as model_runner  # noqa: E402
+
+real_vpg, vpg_calls = model_runner.greedy_vocab_parallel, []
+model_runner.greedy_vocab_parallel = (
+    lambda logits, offset, state, t, tp=None: vpg_calls.append(
+        [int(logits.shape[-1]), tp is not None]) or real_vpg(logits, offset, state, t, tp))
+kv4 = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8, num_key_value_heads=4,
+           tie_word_embeddings=True, vocab_size=130)
+for mesh, flag in (("tp=2", "1"), ("tp=4", "1"), ("tp=2", "0")):
+    os.environ["JAXSERVE_VOCAB_PARALLEL_GREEDY"] = flag
+    vpg_calls.clear()
+    llm = LLM(tiny_loaded(seed=13, **kv4), mesh=mesh, attention_backend="pallas",
+              max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
+              num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
+    outs = llm.generate(prompts, sp)
+    result[f"qwen2_kv4/{mesh}/pallas/vocab_parallel={flag}"] = {
+        "tokens": [o.outputs[0].token_ids for o in outs],
+        "cumulative_logprob": [o.outputs[0].cumulative_logprob for o in outs],
+        "traced": sorted({tuple(c) for c in vpg_calls}),
+        "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
+del os.environ["JAXSERVE_VOCAB_PARALLEL_GREEDY"]
+model_runner.greedy_vocab_parallel = real_vpg
+llm = LLM(tiny_loaded(seed=13, **kv4), attention_backend="pallas", max_model_len=64,
+          max_num_seqs=4, max_num_batched_tokens=32, block_size=8, num_kv_blocks=40,
+          compilation_cache_dir=None, show_progress=False)
+outs = llm.generate(prompts, sp)
+result["qwen2_kv4/None/pallas"] = {"tokens": [o.outputs[0].token_ids for o in outs],
+                                   "cumulative_logprob": [o.outputs[0].cumulative_logprob
+                                                          for o in outs]}
+# greedy_vocab_parallel alone over 4 shards of random logits (ties, penalties, logit bias, a
+# min_tokens stop mask), against the sampler's greedy mode on the whole logits; and the exchange
+# the peer all-reduce would carry (each rank's stats placed in its row, summed) against XLA's
+# all-gather
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 
+from jaxserve.collectives import TensorParallel, stack_by_sum_input  # noqa: E402
+from jaxserve.sampling.sampler import (SamplingTensors, greedy_vocab_parallel,  # noqa: E402
+                                       init_sampler_state, sample)
+
+rng = np.random.default_rng(5)
+rows, vocab, slots = 6, 48, 8
+logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+logits[0, [7, 31]] = 9.0            # a tie across shards: the lower id wins
+logits[1, [13, 14]] = 9.0           # a tie inside a shard
+state = init_sampler_state(slots, vocab)
+state = state.__class__(
+    out_counts=jnp.asarray(rng.integers(0, 3, (slots, vocab)), jnp.int32),
+    prompt_mask=jnp.asarray(rng.random((slots, vocab)) < 0.2),
+    bias=jnp.asarray(np.where(rng.random((slots, vocab)) < 0.1, 5.0, 0.0), jnp.float32),
+    stop_mask=jnp.asarray(rng.random((slots, vocab)) < 0.05), last_token=state.last_token)
+host = SamplingTensors.host(rows)
+host.update(slot=np.arange(rows, dtype=np.int32) + 1, valid=np.ones(rows, bool),
+            presence=np.full(rows, 0.3, np.float32), frequency=np.full(rows, 0.2, np.float32),
+            repetition=np.full(rows, 1.3, np.float32), block_stop=np.arange(rows) % 2 == 0)
+host["slot"][:2] = 0   # the rows with ties, without penalties: slot 0 reset below
+state.out_counts = state.out_counts.at[0].set(0)
+state.prompt_mask = state.prompt_mask.at[0].set(False)
+state.bias = state.bias.at[0].set(0.0)
+state.stop_mask = state.stop_mask.at[0].set(False)
+t = SamplingTensors(**{k: jnp.asarray(v) for k, v in host.items()})
+want_tok, want_lp, *_ = sample(jnp.asarray(logits), state, t, "greedy")
+mesh4 = Mesh(np.array(jax.devices()), ("tp",))
+
+
+def shard_pick(local, state, t):
+    tp = TensorParallel("tp", 4)
+    return greedy_vocab_parallel(local, tp.index() * local.shape[-1], state, t, tp)
+
+
+got_tok, got_lp = jax.jit(jax.shard_map(shard_pick, mesh=mesh4, in_specs=(P(None, "tp"), P(), P()),
+                                        out_specs=P(), check_vma=False))(jnp.asarray(logits), state, t)
+stats = jnp.asarray(rng.normal(size=(4, rows, 4)).astype(np.float32))
+
+
+def exchange(x):
+    tp = TensorParallel("tp", 4)
+    return (jax.lax.psum(stack_by_sum_input(x[0], tp.index(), 4), "tp"),
+            jax.lax.all_gather(x[0], "tp"))
+
+
+by_sum, gathered = jax.shard_map(exchange, mesh=mesh4, in_specs=P("tp"), out_specs=P(),
+                                 check_vma=False)(stats)
+result["greedy_vocab_parallel/unit"] = {
+    "tokens": np.asarray(got_tok).tolist(), "want_tokens": np.asarray(want_tok).tolist(),
+    "lp": np.asarray(got_lp).tolist(), "want_lp": np.asarray(want_lp).tolist(),
+    "exchange_equal": bool(np.array_equal(np.asarray(by_sum), np.asarray(gathered))
+                           and np.array_equal(np.asarray(gathered), np.asarray(stats)))}
+# the skinny-matmul kernel per shard (forced on; interpret mode on CPU), bf16: tp=2 against one
+# device, and one device with XLA's GEMMs; which weight shapes went through the kernel
 import pallas_kernels.skinny_matmul as skinny  # noqa: E402
 
-kv4 = dict(architectures=["Qwen2ForCausalLM"], num_attention_heads=8, num_key_value_heads=4,
-           tie_word_embeddings=True, vocab_size=130)
 real_skinny, shapes = skinny.skinny_matmul, []
 skinny.skinny_matmul = lambda *a, **k: shapes.append(list(a[1].shape)) or real_skinny(*a, **k)
 for mesh, flag in ((None, "0"), (None, "1"), ("tp=2", "1")):
@@ -105,11 +194,7 @@ jax.clear_caches()
 # the peer all-reduce's plumbing: its kernel is GPU-only, so a stand-in for PeerBuffers gives a
 # table of the real shape with capacity 0 (every all-reduce stays XLA's psum) while the table rides
 # through every executable as the last entry of the weights argument
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-import jaxserve.runner.model_runner as model_runner  # noqa: E402
-from jaxserve.collectives import TensorParallel  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 
 class _StandInPeer:
