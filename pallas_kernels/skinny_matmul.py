@@ -9,8 +9,9 @@ streams the weight instead. Grid (N / block_n column tiles, splits over K): each
 over `num_stages`; the splits share K's block_k pieces as evenly as they go, one more for some
 where they do not divide), multiplies each slab piece by the matching [Mp, block_k] columns of the
 activation (rows padded to a power of two >= 16 by masked loads, for the tensor-core dot; nothing
-past M is read or written) and accumulates in fp32. One split stores the result in the output dtype; several
-store fp32 partials [splits, M, N] that a jnp epilogue sums (a small XLA fusion, ~1.5 µs).
+past M is read or written) and accumulates in fp32. One split stores the result in the output
+dtype; several store fp32 partials [splits, M, N] that a jnp epilogue sums (a small XLA fusion,
+~1.5 µs).
 
 SwiGLU variant (`glu=True`, one split): the weight is the MLP's fused gate/up [K, 2F]; a program
 accumulates a gate tile and the matching up tile and stores silu(gate) * up [M, F], so the [M, 2F]

@@ -12,7 +12,8 @@ time (`hf_weight_map`).
 Tensor parallelism (Megatron style): called inside `jax.shard_map` with `tp` set (a
 `jaxserve.collectives.TensorParallel`), every module sees its local shard of the weights and adds
 the collectives itself: an all-reduce (`tp.psum`) after the row-parallel o and down projections, a
-masked lookup + all-reduce for a vocab-split embedding, an all-gather of vocab-split logits.
+masked lookup + all-reduce for a vocab-split embedding, an all-gather of vocab-split logits
+(`compute_logits`; greedy decode steps take the shard's own slice, `compute_local_logits`).
 Whether a weight is split is read from its local shape, so the same code runs unsplit (tp=None, or
 a dimension the rules replicate).
 """
