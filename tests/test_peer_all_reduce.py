@@ -160,3 +160,60 @@ def test_engine_tp2_with_skinny_matmul_and_peer_all_reduce(monkeypatch):
         assert (len(shapes) > 0) == (flag == "1")
         llm.shutdown()
     assert runs["tp2_kernel"] == runs["one_xla"]
+
+
+@needs_two_gpus
+def test_gather_small_through_the_peer_all_reduce(two_gpu_comm):
+    """The greedy sampler's exchange of per-row statistics: through the peer kernel (a sum of rows
+    placed over zeros) it equals XLA's all-gather bit for bit, and leaves no XLA collective."""
+    import functools
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxserve.collectives import TensorParallel
+    mesh, comm = two_gpu_comm
+
+    def body(x, table, peer):
+        tp = TensorParallel("tp", 2, table if peer else None, comm.tp.capacity_bytes)
+        return tp.gather_small(x[0])
+
+    fns = {peer: jax.jit(jax.shard_map(functools.partial(body, peer=peer), mesh=mesh,
+                                       in_specs=(P("tp"), P("tp")), out_specs=P(),
+                                       check_vma=False)) for peer in (True, False)}
+    rng = np.random.default_rng(1)
+    for rows in (2, 64):
+        x = rng.standard_normal((2, rows, 4)).astype(np.float32)
+        x[0, 0, 1], x[1, 0, 1] = 151935.0, 0.0      # token ids travel as floats
+        xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("tp")))
+        got, want = np.asarray(fns[True](xs, comm.table)), np.asarray(fns[False](xs, comm.table))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(got, x)
+    hlo = fns[True].lower(xs, comm.table).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+
+
+@needs_two_gpus
+def test_engine_tp2_greedy_tokens_per_vocab_shard(monkeypatch):
+    """Greedy decode steps under tp=2 with the peer all-reduce pick their tokens per vocab shard:
+    the same tokens and cumulative logprobs as one device and as tp=2 with the logits gathered,
+    and the greedy decode executable holds no all-gather (the gathered one does)."""
+    from jaxserve import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)   # greedy, no logprobs
+    runs = {}
+    for name, mesh, flag in [("one", None, "1"), ("gathered", "tp=2", "0"),
+                             ("per_shard", "tp=2", "1")]:
+        monkeypatch.setenv("JAXSERVE_VOCAB_PARALLEL_GREEDY", flag)
+        jax.clear_caches()
+        llm = _tiny_qwen2_engine(mesh)
+        outs = llm.generate(PROMPTS, sp)
+        runs[name] = ([o.outputs[0].token_ids for o in outs],
+                      [o.outputs[0].cumulative_logprob for o in outs])
+        assert llm.get_stats()["compiles_after_warmup"] == 0
+        if mesh is not None:
+            runner = llm.engine.runner
+            assert runner.peer_buffers is not None
+            t, s = runner.decode_buckets[0]
+            hlo = runner._exec[("decode_sample", t, s, "greedy")].as_text()
+            assert ("all-gather" in hlo) == (name == "gathered"), name
+        llm.shutdown()
+    assert runs["per_shard"][0] == runs["gathered"][0] == runs["one"][0]
+    np.testing.assert_allclose(runs["per_shard"][1], runs["one"][1], rtol=1e-5, atol=1e-4)

@@ -97,6 +97,11 @@ def test_greedy_tokens_picked_per_vocab_shard(tp_results):
                         ("tp=2/pallas/vocab_parallel=0", [])):
         r = tp_results[f"qwen2_kv4/{key}"]
         assert r["traced"] == traced, key
+        # the smallest greedy decode step (2 rows): [2, 130] logits gathered, or [tp, 2, 4] stats
+        gathers = {"tp=2/pallas/vocab_parallel=1": ["f32[2,2,4]"],
+                   "tp=4/pallas/vocab_parallel=1": [],
+                   "tp=2/pallas/vocab_parallel=0": ["f32[2,130]"]}
+        assert r["all_gathers"] == gathers[key], key
         assert r["tokens"] == base["tokens"], key
         np.testing.assert_allclose(r["cumulative_logprob"], base["cumulative_logprob"],
                                    rtol=1e-4, atol=1e-4)

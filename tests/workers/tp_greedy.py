@@ -80,6 +80,7 @@ result["llama_kv2/tp=2/pallas"] = {
 # Pallas backend): vocab 130 splits over tp=2, not over tp=4 (replicated head); and with the
 # logits gathered instead (JAXSERVE_VOCAB_PARALLEL_GREEDY=0). Which paths were traced.
 import os  # noqa: E402
+import re  # noqa: E402
 
 import jaxserve.runner.model_runner as model_runner  # noqa: E402
 
@@ -96,10 +97,15 @@ for mesh, flag in (("tp=2", "1"), ("tp=4", "1"), ("tp=2", "0")):
               max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=8,
               num_kv_blocks=40, compilation_cache_dir=None, show_progress=False)
     outs = llm.generate(prompts, sp)
+    runner = llm.engine.runner
+    hlo = runner._exec[("decode_sample", *runner.decode_buckets[0], "greedy")].as_text()
     result[f"qwen2_kv4/{mesh}/pallas/vocab_parallel={flag}"] = {
         "tokens": [o.outputs[0].token_ids for o in outs],
         "cumulative_logprob": [o.outputs[0].cumulative_logprob for o in outs],
         "traced": sorted({tuple(c) for c in vpg_calls}),
+        # what the smallest greedy decode executable all-gathers (XLA's collectives: no peer
+        # all-reduce on CPU)
+        "all_gathers": sorted(set(re.findall(r"= (f32\[[0-9,]+\])\S* all-gather", hlo))),
         "compiles_after_warmup": llm.get_stats()["compiles_after_warmup"]}
 del os.environ["JAXSERVE_VOCAB_PARALLEL_GREEDY"]
 model_runner.greedy_vocab_parallel = real_vpg
