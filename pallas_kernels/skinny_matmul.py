@@ -56,20 +56,19 @@ def _skinny_kernel(x_ref, w_ref, o_ref, *, rows: int, block_n: int, block_k: int
     halves = (0, w_ref.shape[1] // 2) if glu else (0,)
 
     def step(i, accs):
-        if even:
-            k = pl.multiple_of((first + i) * block_k, block_k)
-            a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)], mask=row_mask, other=0)
-            ws = [w_ref[pl.ds(k, block_k), pl.ds(h + n0, block_n)] for h in halves]
-        else:
-            valid = first + i < end
-            k = pl.multiple_of(jnp.minimum(first + i, total - 1) * block_k, block_k)
-            a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)],
-                           mask=row_mask & valid, other=0)
-            w_mask = jnp.broadcast_to(valid, (block_k, block_n))
-            ws = [plgpu.load(w_ref.at[pl.ds(k, block_k), pl.ds(h + n0, block_n)], mask=w_mask,
-                             other=0) for h in halves]
-        return tuple(acc + jnp.dot(a, w, preferred_element_type=jnp.float32)
-                     for acc, w in zip(accs, ws))
+        piece = first + i if even else jnp.minimum(first + i, total - 1)
+        valid = None if even else first + i < end        # (uneven: past the split's end)
+        k = pl.multiple_of(piece * block_k, block_k)
+        a = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k, block_k)],
+                       mask=row_mask if even else row_mask & valid, other=0)
+
+        def weight(h):
+            tile = w_ref.at[pl.ds(k, block_k), pl.ds(h + n0, block_n)]
+            if even:
+                return tile[...]
+            return plgpu.load(tile, mask=jnp.broadcast_to(valid, (block_k, block_n)), other=0)
+        return tuple(acc + jnp.dot(a, weight(h), preferred_element_type=jnp.float32)
+                     for acc, h in zip(accs, halves))
 
     zeros = tuple(jnp.zeros((rows, block_n), jnp.float32) for _ in halves)
     accs = jax.lax.fori_loop(0, steps, step, zeros)

@@ -215,8 +215,10 @@ class ModelRunner:
         return logits, kv
 
     def _sample_fn(self, logits, sstate, packed, *, mode: str):
-        st = unpack_sampling(packed, logits.shape[0])
-        tokens, lp, top_ids, top_lp, sstate = sample(logits, sstate, st, mode)
+        return self._result(*sample(logits, sstate, unpack_sampling(packed, logits.shape[0]), mode))
+
+    def _result(self, tokens, lp, top_ids, top_lp, sstate):
+        """The sampler's outputs as (one packed int32 array, the state pinned replicated)."""
         if self._replicated is not None:
             sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
         return pack_result(tokens, lp, top_ids, top_lp), sstate
@@ -231,9 +233,8 @@ class ModelRunner:
             st = unpack_sampling(sampling, s)
             (tokens, lp), kv = forward(params, kv, packed, sstate.last_token, t=t, s=s,
                                        greedy=(sstate, st))
-            tokens, lp, top_ids, top_lp, sstate = finish_without_top(tokens, lp, sstate, st)
-            sstate = jax.lax.with_sharding_constraint(sstate, self._replicated)
-            return pack_result(tokens, lp, top_ids, top_lp), kv, sstate
+            result, sstate = self._result(*finish_without_top(tokens, lp, sstate, st))
+            return result, kv, sstate
         logits, kv = forward(params, kv, packed, sstate.last_token, t=t, s=s)
         result, sstate = self._sample_fn(logits, sstate, sampling, mode=mode)
         return result, kv, sstate

@@ -126,29 +126,31 @@ from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxserve.collectives import TensorParallel, stack_by_sum_input  # noqa: E402
-from jaxserve.sampling.sampler import (SamplingTensors, greedy_vocab_parallel,  # noqa: E402
-                                       init_sampler_state, sample)
+from jaxserve.sampling.sampler import (SamplerState, SamplingTensors,  # noqa: E402
+                                       greedy_vocab_parallel, sample)
 
 rng = np.random.default_rng(5)
 rows, vocab, slots = 6, 48, 8
 logits = rng.normal(size=(rows, vocab)).astype(np.float32)
 logits[0, [7, 31]] = 9.0            # a tie across shards: the lower id wins
 logits[1, [13, 14]] = 9.0           # a tie inside a shard
-state = init_sampler_state(slots, vocab)
-state = state.__class__(
-    out_counts=jnp.asarray(rng.integers(0, 3, (slots, vocab)), jnp.int32),
-    prompt_mask=jnp.asarray(rng.random((slots, vocab)) < 0.2),
-    bias=jnp.asarray(np.where(rng.random((slots, vocab)) < 0.1, 5.0, 0.0), jnp.float32),
-    stop_mask=jnp.asarray(rng.random((slots, vocab)) < 0.05), last_token=state.last_token)
+def _rows(make):   # [slots, vocab] of random values, slot 0 (the rows with ties) neutral
+    x = make()
+    x[0] = 0
+    return jnp.asarray(x)
+
+
+state = SamplerState(out_counts=_rows(lambda: rng.integers(0, 3, (slots, vocab)).astype(np.int32)),
+                     prompt_mask=_rows(lambda: rng.random((slots, vocab)) < 0.2),
+                     bias=_rows(lambda: np.where(rng.random((slots, vocab)) < 0.1, 5.0, 0.0)
+                                .astype(np.float32)),
+                     stop_mask=_rows(lambda: rng.random((slots, vocab)) < 0.05),
+                     last_token=jnp.zeros((slots,), jnp.int32))
 host = SamplingTensors.host(rows)
 host.update(slot=np.arange(rows, dtype=np.int32) + 1, valid=np.ones(rows, bool),
             presence=np.full(rows, 0.3, np.float32), frequency=np.full(rows, 0.2, np.float32),
             repetition=np.full(rows, 1.3, np.float32), block_stop=np.arange(rows) % 2 == 0)
-host["slot"][:2] = 0   # the rows with ties, without penalties: slot 0 reset below
-state.out_counts = state.out_counts.at[0].set(0)
-state.prompt_mask = state.prompt_mask.at[0].set(False)
-state.bias = state.bias.at[0].set(0.0)
-state.stop_mask = state.stop_mask.at[0].set(False)
+host["slot"][:2] = 0   # the rows with ties, without penalties
 t = SamplingTensors(**{k: jnp.asarray(v) for k, v in host.items()})
 want_tok, want_lp, *_ = sample(jnp.asarray(logits), state, t, "greedy")
 mesh4 = Mesh(np.array(jax.devices()), ("tp",))
@@ -159,8 +161,9 @@ def shard_pick(local, state, t):
     return greedy_vocab_parallel(local, tp.index() * local.shape[-1], state, t, tp)
 
 
-got_tok, got_lp = jax.jit(jax.shard_map(shard_pick, mesh=mesh4, in_specs=(P(None, "tp"), P(), P()),
-                                        out_specs=P(), check_vma=False))(jnp.asarray(logits), state, t)
+picker = jax.shard_map(shard_pick, mesh=mesh4, in_specs=(P(None, "tp"), P(), P()), out_specs=P(),
+                       check_vma=False)
+got_tok, got_lp = jax.jit(picker)(jnp.asarray(logits), state, t)
 stats = jnp.asarray(rng.normal(size=(4, rows, 4)).astype(np.float32))
 
 
