@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
 from typing import Any, AsyncIterator
 
 from jaxserve.engine.core import EngineCore
-from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.outputs import RequestFailedError, RequestOutput
 from jaxserve.sampling.params import SamplingParams
+
+log = logging.getLogger("jaxserve.engine")
 
 
 class EngineDeadError(RuntimeError):
@@ -111,6 +114,8 @@ class AsyncEngine:
                     raise item
                 if item.finished:
                     stream.finished = True
+                    if item.error is not None:
+                        raise RequestFailedError(request_id, item.error)
                 yield item
                 if item.finished:
                     return
@@ -160,18 +165,27 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_put_all, items)
 
     def _handle(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, rid, prompt, params = cmd
-            try:
-                self.core.add_request(rid, prompt, params)
-            except Exception as e:  # validated already; anything here is still the caller's
-                stream = self._streams.get(rid)
-                if stream is not None:
-                    stream.put(e)
-        elif cmd[0] == "abort":
-            out = self.core.abort(cmd[1])
-            if out is not None:
-                self._deliver_step([out])
+        """One command from the inbox. A command that fails is its request's failure (the caller
+        gets the exception, the log a line with the request id): never the engine's."""
+        rid = cmd[1]
+        try:
+            if cmd[0] == "add":
+                self.core.add_request(rid, cmd[2], cmd[3])
+            elif cmd[0] == "abort":
+                out = self.core.abort(rid)
+                if out is not None:
+                    self._deliver_step([out])
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, ValueError):   # a request the engine refuses (typed, names the field)
+                log.warning("request %s refused: %s", rid, e)
+            else:
+                log.error("request %s failed in %r (%s: %s)", rid, cmd[0], type(e).__name__, e,
+                          exc_info=e)
+                e = RequestFailedError(rid, "failed while being added")
+            self.core.abort(rid)
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put(e)
 
     def _run(self) -> None:
         try:
@@ -188,6 +202,7 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as e:  # the loop is dead: tell every waiter
+            log.critical("the engine's step loop stopped (%s: %s)", type(e).__name__, e, exc_info=e)
             self.error = e
             err = EngineDeadError(f"engine step loop failed: {type(e).__name__}: {e}")
             for stream in list(self._streams.values()):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import math
 import os
 import sys
@@ -35,6 +36,8 @@ from jaxserve.sampling.params import SamplingParams
 from jaxserve.scheduler.request import Request
 from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from jaxserve.sharding import splits_heads
+
+log = logging.getLogger("jaxserve.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +129,7 @@ class _Group:
     arrival: float
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -144,6 +148,7 @@ class EngineCore:
         max_num_seqs = int(config.max_num_seqs or (16 if on_cpu else 256))
         max_tokens = int(config.max_num_batched_tokens or (256 if on_cpu else 2048))
         max_tokens = max(max_tokens, max_num_seqs)
+        self.max_num_seqs = max_num_seqs
         cache_path = enable_persistent_cache(config.compilation_cache_dir)
         kv_itemsize = np.dtype(lm.dtype).itemsize
         tp = 1 if mesh is None else mesh.shape["tp"]
@@ -191,6 +196,7 @@ class EngineCore:
         self._groups: dict[str, _Group] = {}
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
         self._inflight = None   # (SchedulerOutput, handle) of the dispatched, unfetched step
+        self._failed: list[RequestOutput] = []   # requests failed by a step fault, not yet returned
         # multi-host (jaxserve.distributed): the leader hands each step to the followers first
         self.step_listener = None
         self.broadcast = None
@@ -234,7 +240,13 @@ class EngineCore:
             raise InvalidRequestError("prompt", f"the prompt has {n} tokens; max_model_len is "
                                                 f"{self.max_model_len}, leaving no room to generate")
         if params.max_tokens is None:
-            return self.max_model_len - n
+            room = self.max_model_len - n
+            if params.min_tokens > room:
+                raise InvalidRequestError("min_tokens", f"min_tokens ({params.min_tokens}) exceeds "
+                                                        f"the {room} tokens the prompt ({n} tokens) "
+                                                        f"leaves in max_model_len "
+                                                        f"({self.max_model_len})")
+            return room
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError("max_tokens", f"prompt ({n} tokens) + max_tokens "
                                                     f"({params.max_tokens}) exceeds max_model_len "
@@ -254,17 +266,31 @@ class EngineCore:
         for i in range(params.n):
             sid = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = (params.seed + i) if params.seed is not None else int(self._rng.integers(2**31))
+            try:   # the values the runner's fixed-width rows will hold, converted here (not in a step)
+                row = self.runner.slot_row(eff, seed, self.eos_token_ids)
+            except (OverflowError, FloatingPointError, ValueError) as e:
+                raise InvalidRequestError("sampling_params", f"a value does not fit the device "
+                                                             f"rows: {e}") from None
             req = Request(sid, ids, eff, eos_token_ids=self.eos_token_ids, arrival=now,
-                          leader=leader if self.config.enable_prefix_caching else None, seed=seed)
+                          leader=leader if self.config.enable_prefix_caching else None, seed=seed,
+                          slot_row=row)
             leader = leader or req
             detok = (IncrementalDetokenizer(self.tokenizer, ids,
                                             skip_special_tokens=params.skip_special_tokens)
                      if self.tokenizer is not None else None)
-            sample = _Sample(i, req, detok, [] if params.logprobs is not None else None)
-            group.samples.append(sample)
-            self._sample_of[sid] = (group, sample)
+            group.samples.append(_Sample(i, req, detok, [] if params.logprobs is not None else None))
+        # NOTE: registered only once every sample is built: a failure above leaves nothing behind
+        added = []
+        try:
+            for s in group.samples:
+                self.scheduler.add_request(s.req)
+                added.append(s.req.request_id)
+        except BaseException:
+            for sid in added:
+                self.scheduler.finish_request(sid, "abort")
+            raise
         for s in group.samples:
-            self.scheduler.add_request(s.req)
+            self._sample_of[s.req.request_id] = (group, s)
         self._groups[request_id] = group
         self.prompt_tokens_total += len(ids)
 
@@ -288,6 +314,13 @@ class EngineCore:
     def step_begin(self):
         """Schedule and dispatch a step; returns the dispatched step to complete next (with
         async scheduling, the one before)."""
+        try:
+            return self._step_begin()
+        except Exception as e:  # noqa: BLE001 - see _recover
+            self._recover(e, "scheduling or dispatching a step")
+            return None
+
+    def _step_begin(self):
         out = self.scheduler.schedule()
         handle = None
         if not out.is_empty or out.released_ids:
@@ -301,9 +334,48 @@ class EngineCore:
         return previous                                  # completed while this one runs
 
     def step_end(self, entry, snapshots: bool = True) -> list[RequestOutput]:
-        """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs."""
-        if entry is None:
-            return []
+        """Wait for a dispatched step's tokens, hand them to the scheduler, build the outputs (and
+        those of requests a step fault failed)."""
+        try:
+            outs = self._step_end(entry, snapshots) if entry is not None else []
+        except Exception as e:  # noqa: BLE001 - see _recover
+            self._recover(e, "completing a step")
+            outs = []
+        if self._failed:
+            outs, self._failed = outs + self._failed, []
+        return outs
+
+    def _recover(self, exc: Exception, where: str) -> None:
+        """A step raised. When the device state survived (the fault was on the host: scheduling,
+        row building, stop rules), fail the requests that were in flight — each ends with
+        finish_reason "error" — and carry on: waiting requests and later ones are unaffected. When
+        the device state was lost (a failed call after its buffers were donated), re-raise: the
+        engine cannot continue."""
+        if not self.runner.state_intact():
+            raise exc
+        victims = [g for g in self._groups.values()
+                   if any(s.finish_reason is None and s.req.num_computed_tokens > 0
+                          or s.req.num_placeholders for s in g.samples)]
+        log.error("engine fault while %s (%s: %s); failing the %d requests in flight: %s", where,
+                  type(exc).__name__, exc, len(victims),
+                  ", ".join(g.request_id for g in victims[:16]) + (" ..." if len(victims) > 16 else ""),
+                  exc_info=exc)
+        self._inflight = None
+        self.runner.drop_pending()
+        for g in victims:
+            self._failed.append(self._fail(g, f"engine fault while {where}"))
+
+    def _fail(self, group: _Group, message: str) -> RequestOutput:
+        """End every unfinished sample of `group` with finish_reason "error" (its blocks go back to
+        the pool at once) and return its final output."""
+        for s in group.samples:
+            if s.finish_reason is None:
+                self.scheduler.finish_request(s.req.request_id, "error")
+                s.finish_reason = "error"
+        group.error = message
+        return self._finish_group(group)
+
+    def _step_end(self, entry, snapshots: bool) -> list[RequestOutput]:
         out, handle = entry
         sampled = self.runner.fetch(handle)
         events = self.scheduler.update_from_output(out, {k: v.token for k, v in sampled.items()})
@@ -324,6 +396,7 @@ class EngineCore:
     def _outputs(self, events, sampled: dict[str, Sampled], now: float,
                  snapshots: bool = True) -> list[RequestOutput]:
         changed: dict[str, _Group] = {}
+        failed: list[RequestOutput] = []
         for req, tok in events:
             if tok is None:
                 continue
@@ -335,9 +408,16 @@ class EngineCore:
                 continue
             if group.first_token_time is None:
                 group.first_token_time = now
-            self._on_token(group, sample, tok, sampled[req.request_id])
+            try:
+                self._on_token(group, sample, tok, sampled[req.request_id])
+            except Exception as e:  # noqa: BLE001 - this request's fault: it alone ends
+                log.error("request %s failed while processing its token %d (%s: %s)",
+                          group.request_id, tok, type(e).__name__, e, exc_info=e)
+                changed.pop(group.request_id, None)
+                failed.append(self._fail(group, "failed while processing its output"))
+                continue
             changed[group.request_id] = group
-        outs = []
+        outs = failed
         for g in changed.values():
             if g.finished:
                 outs.append(self._finish_group(g))
@@ -401,7 +481,7 @@ class EngineCore:
         if group.first_token_time is not None:
             metrics["first_token_time"] = group.first_token_time
         return RequestOutput(group.request_id, group.prompt, group.prompt_ids, outs,
-                             finished, metrics)
+                             finished, metrics, error=group.error)
 
     def _finish_group(self, group: _Group) -> RequestOutput:
         out = self._snapshot(group, finished=True)

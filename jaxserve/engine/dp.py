@@ -27,6 +27,7 @@ class DataParallelEngine:
         first = replicas[0]
         self.lm, self.config, self.tokenizer = first.lm, first.config, first.tokenizer
         self.max_model_len = first.max_model_len
+        self.max_num_seqs = sum(r.max_num_seqs for r in replicas)   # sequences running at once
         self.eos_token_ids = first.eos_token_ids
         self.runner = first.runner
         self.scheduler = _AnyScheduler(replicas)

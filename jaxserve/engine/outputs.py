@@ -14,6 +14,15 @@ class InvalidRequestError(ValueError):
         self.field = field
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed one request while running it (the cause is in the server log under its
+    request id); the engine itself and every other request carry on."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"{request_id}: {message}")
+        self.request_id = request_id
+
+
 @dataclasses.dataclass
 class Logprob:
     logprob: float
@@ -28,7 +37,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None   # per generated token, when requested
-    finish_reason: str | None = None            # "stop" | "length" | "abort" | None (running)
+    finish_reason: str | None = None            # "stop" | "length" | "abort" | "error" | None
     stop_reason: int | str | None = None        # the stop token id or stop string that matched
 
     def finished(self) -> bool:
@@ -43,3 +52,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # why the engine failed this request (its samples end with finish_reason "error"); None if not
+    error: str | None = None

@@ -38,8 +38,8 @@ from jaxserve.runner.compile import CompileCounter
 from jaxserve.runner.packing import (pack_forward, pack_result, pack_sampling, unpack_forward,
                                      unpack_result, unpack_sampling)
 from jaxserve.sampling.sampler import (FILL_SIZES, SAMPLER_MODES, SamplingTensors, SlotFills,
-                                       fill_slots, finish_without_top, greedy_vocab_parallel,
-                                       init_sampler_state, sample, sampler_mode)
+                                       SlotRow, fill_slots, finish_without_top,
+                                       greedy_vocab_parallel, init_sampler_state, sample, slot_row)
 from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
 from jaxserve.sharding import kv_cache_sharding, replicated, splits_heads
@@ -64,10 +64,6 @@ def _host_copy(x: jax.Array) -> jax.Array:
 
 def _no_src(num_tokens: int) -> np.ndarray:
     return np.full(num_tokens, -1, np.int32)
-
-
-def _seed32(seed: int) -> int:
-    return int(seed) & 0xFFFFFFFF
 
 
 def _vocab_parallel_greedy() -> bool:
@@ -166,7 +162,7 @@ class ModelRunner:
         # each slot's fixed sampling rows (set at admission), gathered by slot every step; "mode"
         # ranks the sampler variant the request needs (0 greedy, 1 random, 2 full)
         self._slot_rows = SamplingTensors.host(max_num_seqs)
-        self._slot_rows.update(min_tokens=np.zeros(max_num_seqs, np.int64),
+        self._slot_rows.update(min_tokens=np.zeros(max_num_seqs, np.int32),
                                mode=np.zeros(max_num_seqs, np.int8))
         self._exec: dict[tuple, object] = {}   # filled by warmup(): key -> compiled executable
         self.warmup_seconds: dict[str, float] = {}
@@ -380,23 +376,34 @@ class ModelRunner:
         self.compile_counter.mark_warm()
 
     # -- slots ----------------------------------------------------------------------------------
+    def slot_row(self, params, seed: int, eos_token_ids) -> SlotRow:
+        """A request's sampling values in this runner's row dtypes (the engine builds it when the
+        request is added, where a failure is that request's alone)."""
+        return slot_row(params, seed, eos_token_ids, self.cfg.vocab_size)
+
     def _admit(self, ns: NewSequence) -> None:
+        row = ns.slot_row or self.slot_row(ns.params, ns.seed, ns.eos_token_ids)
         if ns.request_id in self._slot:
             self._release(ns.request_id)
-        slot = self._free_slots.pop()
-        v = self.cfg.vocab_size
-        stop_ids = [t for t in list(ns.eos_token_ids) + list(ns.params.stop_token_ids) if 0 <= t < v]
+        slot = self._free_slots[-1]
         # sent with the step's other admissions (`_flush_fills`), before its sampler runs
-        self._fills.add(slot, ns.prompt_token_ids, ns.output_token_ids, stop_ids, ns.params.logit_bias)
+        self._fills.add_row(slot, ns.prompt_token_ids, ns.output_token_ids, row.stop_ids,
+                            row.bias_ids, row.bias_values)
+        self._free_slots.pop()
         self._slot[ns.request_id] = slot
-        p, r = ns.params, self._slot_rows
-        r["seed"][slot] = _seed32(ns.seed)
-        r["temperature"][slot], r["top_k"][slot], r["top_p"][slot] = p.temperature, max(p.top_k, 0), p.top_p
-        r["min_p"][slot], r["presence"][slot] = p.min_p, p.presence_penalty
-        r["frequency"][slot], r["repetition"][slot] = p.frequency_penalty, p.repetition_penalty
-        r["min_tokens"][slot] = p.min_tokens
-        r["mode"][slot] = SAMPLER_MODES.index(sampler_mode(
-            [(p.temperature, p.top_k, p.top_p, p.logprobs is not None)]))
+        for field, value in row.values.items():
+            self._slot_rows[field][slot] = value
+
+    def state_intact(self) -> bool:
+        """Whether the device state (KV cache, sampler state) is still usable: False once a call
+        that donated it failed."""
+        return not any(x.is_deleted() for x in jax.tree.leaves((self.kv, self.sampler_state))
+                       if isinstance(x, jax.Array))
+
+    def drop_pending(self) -> None:
+        """Forget admissions not yet sent to the device (their requests were failed: the slots
+        come back through the scheduler's released ids)."""
+        self._fills.take()
 
     def _flush_fills(self) -> None:
         """Set up the slots admitted since the last call on the device (one small call per step,

@@ -106,6 +106,40 @@ def fill_slots(state: SamplerState, clear: jax.Array, entries: jax.Array) -> Sam
     return SamplerState(counts, prompt, bias, stop, state.last_token)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotRow:
+    """A request's fixed sampling values in the dtypes of the runner's per-slot rows. Built when
+    the request is added (`slot_row`), so a value that does not fit fails that request alone and
+    never the engine step that admits it; the runner copies it into the request's slot."""
+    values: dict[str, np.generic]   # SamplingTensors' per-slot fields, plus min_tokens and mode
+    stop_ids: np.ndarray            # [N] int32  EOS + stop_token_ids, masked until min_tokens
+    bias_ids: np.ndarray            # [B] int32  logit_bias keys
+    bias_values: np.ndarray         # [B] f32    logit_bias values
+
+
+def slot_row(params, seed: int, eos_token_ids, vocab_size: int) -> SlotRow:
+    """Convert one request's sampling parameters to the slot rows' dtypes; raises OverflowError /
+    FloatingPointError (never writes a wrapped or infinite value) when one does not fit."""
+    p = params
+    top_k = p.top_k if 0 < p.top_k < vocab_size else 0     # >= the vocabulary: no top-k
+    stop = [t for t in list(eos_token_ids) + list(p.stop_token_ids) if 0 <= t < vocab_size]
+    bias = p.logit_bias or {}
+    with np.errstate(over="raise", invalid="raise"):
+        values = dict(
+            seed=np.uint32(int(seed) & 0xFFFFFFFF), temperature=np.float32(p.temperature),
+            top_k=np.int32(top_k), top_p=np.float32(p.top_p), min_p=np.float32(p.min_p),
+            presence=np.float32(p.presence_penalty), frequency=np.float32(p.frequency_penalty),
+            repetition=np.float32(p.repetition_penalty), min_tokens=np.int32(p.min_tokens),
+            mode=np.int8(SAMPLER_MODES.index(sampler_mode(
+                [(p.temperature, top_k, p.top_p, p.logprobs is not None)]))))
+        for k in ("temperature", "top_p", "min_p", "presence", "frequency", "repetition"):
+            if not np.isfinite(values[k]):
+                raise FloatingPointError(f"{k} {values[k]} is not finite in float32")
+        return SlotRow(values, np.asarray(stop, np.int32),
+                       np.fromiter(bias.keys(), np.int32, len(bias)),
+                       np.fromiter(bias.values(), np.float32, len(bias)))
+
+
 class SlotFills:
     """Host side of `fill_slots`: collects the admissions of a step, then cuts them into calls of
     the compiled sizes (the first call clears every admitted slot, so a long prompt can span
@@ -117,19 +151,28 @@ class SlotFills:
         self._parts: list[np.ndarray] = []
 
     def add(self, slot: int, prompt, output, stop, bias: dict[int, float] | None) -> None:
-        self._clear.append(slot)
+        bias = bias or {}
+        self.add_row(slot, prompt, output, np.asarray(stop, np.int32),
+                     np.fromiter(bias.keys(), np.int32, len(bias)),
+                     np.fromiter(bias.values(), np.float32, len(bias)))
+
+    def add_row(self, slot: int, prompt, output, stop: np.ndarray, bias_ids: np.ndarray,
+                bias_values: np.ndarray) -> None:
+        # the token lists are converted before anything is recorded: a failure leaves no trace
+        parts = []
         for kind, toks in ((FILL_PROMPT, prompt), (FILL_COUNT, output), (FILL_STOP, stop)):
             toks = np.asarray(toks, np.int32)
             if toks.size:
                 part = np.empty((toks.size, 4), np.int32)
                 part[:, 0], part[:, 1], part[:, 2], part[:, 3] = slot, toks, kind, 0
-                self._parts.append(part)
-        if bias:
-            part = np.empty((len(bias), 4), np.int32)
+                parts.append(part)
+        if bias_ids.size:
+            part = np.empty((bias_ids.size, 4), np.int32)
             part[:, 0], part[:, 2] = slot, FILL_BIAS
-            part[:, 1] = np.fromiter(bias.keys(), np.int32, len(bias))
-            part[:, 3] = np.fromiter(bias.values(), np.float32, len(bias)).view(np.int32)
-            self._parts.append(part)
+            part[:, 1], part[:, 3] = bias_ids, bias_values.view(np.int32)
+            parts.append(part)
+        self._clear.append(slot)
+        self._parts.extend(parts)
 
     def take(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(clear [R], entries [size, 4]) per call, in order; empties the collection."""

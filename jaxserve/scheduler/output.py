@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 from jaxserve.sampling.params import SamplingParams
 
@@ -17,6 +17,8 @@ class NewSequence:
     params: SamplingParams
     seed: int                       # the request's sampling seed
     eos_token_ids: tuple[int, ...]  # masked out (with stop_token_ids) until min_tokens is reached
+    slot_row: Any = None            # its sampling values in the runner's row dtypes, converted
+                                    # when it was added (None: the runner converts them)
 
 
 @dataclasses.dataclass(slots=True)

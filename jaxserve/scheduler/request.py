@@ -55,7 +55,7 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  eos_token_ids: tuple[int, ...] = (), arrival: float = 0.0,
-                 leader: "Request | None" = None, seed: int = 0):
+                 leader: "Request | None" = None, seed: int = 0, slot_row: Any = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -65,6 +65,7 @@ class Request:
         # NOTE: n > 1 siblings wait for their leader's prompt so they can share its cached blocks
         self.leader = leader
         self.seed = seed                   # per-request sampling seed (explicit or drawn)
+        self.slot_row = slot_row           # opaque to the scheduler: handed to the runner
         self.num_computed_tokens = 0       # tokens whose K/V are in the cache
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None

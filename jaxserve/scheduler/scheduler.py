@@ -184,7 +184,7 @@ class Scheduler:
                 self._seen_by_runner.add(req.request_id)
                 new_seqs.append(NewSequence(req.request_id, req.prompt_token_ids,
                                             list(req.output_token_ids), req.params, req.seed,
-                                            req.eos_token_ids))
+                                            req.eos_token_ids, req.slot_row))
         released, self._released = self._released, []
         return SchedulerOutput(seqs, new_seqs, released, sum(len(s.token_ids) for s in seqs),
                                preempted)
