@@ -153,8 +153,21 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     _add_engine_args(p)
     p.add_argument("--chat-template", default=None, help="a Jinja template file or string")
     p.add_argument("--trust-request-chat-template", action="store_true",
-                   help="allow requests to carry their own chat_template")
-    p.add_argument("--max-queued-requests", type=int, default=1024)
+                   help="allow requests to carry their own chat_template (rendered in worker "
+                        "processes under --chat-template-timeout)")
+    p.add_argument("--chat-template-timeout", type=float, default=2.0,
+                   help="seconds a request's own chat template may take to render")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="sequences (prompts x n) that may wait beyond --max-num-seqs; more get 429")
+    p.add_argument("--max-request-sequences", type=int, default=256,
+                   help="most sequences (prompts x n) one request may ask for; more get 400")
+    p.add_argument("--http-header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers")
+    p.add_argument("--http-body-timeout", type=float, default=30.0,
+                   help="seconds a request's body may take to arrive, in total")
+    p.add_argument("--max-connections-per-client", type=int, default=0,
+                   help="concurrent connections per client IP address (0: no limit; behind a "
+                        "reverse proxy every client has the proxy's address)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGTERM")
     p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")

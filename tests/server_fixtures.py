@@ -13,8 +13,10 @@ from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.core import EngineConfig, EngineCore
 from jaxserve.loading import LoadedModel
 from jaxserve.server.app import build_app
+from jaxserve.server.http import uvicorn_config
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.serving import ServerState
+from jaxserve.server.templates import TemplateSandbox
 from tests.engine_fixtures import tiny_loaded
 
 API_KEY = "test-key-123"
@@ -52,19 +54,23 @@ def tiny_chat_model(tokenizer) -> LoadedModel:
 class LiveServer:
     def __init__(self, lm: LoadedModel, *, api_key: str | None = API_KEY, max_body_bytes: int = 1 << 20,
                  max_queued_requests: int = 1024, num_kv_blocks: int = 256,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, max_request_sequences: int = 256,
+                 http: dict | None = None):
         core = EngineCore(lm, EngineConfig(
             max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
             num_kv_blocks=num_kv_blocks, compilation_cache_dir=None, show_progress=False))
         self.state = ServerState(model_names=[MODEL], metrics=Metrics(MODEL),
                                  max_queued_requests=max_queued_requests,
-                                 trust_request_chat_template=trust_request_chat_template)
+                                 max_request_sequences=max_request_sequences,
+                                 trust_request_chat_template=trust_request_chat_template,
+                                 template_sandbox=(TemplateSandbox(timeout_s=2.0)
+                                                   if trust_request_chat_template else None))
         self.state.engine = AsyncEngine(core)
         self.app = build_app(self.state, api_key=api_key, max_body_bytes=max_body_bytes)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", timeout_keep_alive=5))
+        self.server = uvicorn.Server(uvicorn_config(self.app, host="127.0.0.1", port=self.port,
+                                                    shutdown_timeout=5, **(http or {})))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -80,6 +86,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.state.engine.shutdown()
+        if self.state.template_sandbox is not None:
+            self.state.template_sandbox.close()
 
     @property
     def engine(self) -> AsyncEngine:

@@ -132,6 +132,6 @@ def test_request_templates_are_sandboxed(smollm):
         evil = httpx.post(live.url + "/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
             "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"})
-        assert evil.status_code == 400 and evil.json()["error"]["param"] == "messages"
-        assert "SecurityError" in evil.json()["error"]["message"]  # refused by the sandbox
+        assert evil.status_code == 400 and evil.json()["error"]["param"] == "chat_template"
+        assert "unsafe" in evil.json()["error"]["message"]  # refused by the sandbox
         assert httpx.get(live.url + "/health").status_code == 200

@@ -7,6 +7,7 @@ path), refusal while shutting down (503). Every error leaves as an OpenAI error 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from starlette.applications import Starlette
@@ -20,7 +21,7 @@ from starlette.routing import Route
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.errors import APIError, error_response
-from jaxserve.server.serving import ServerState, as_api_error, read_json
+from jaxserve.server.serving import ServerState, error_reply, read_json, request_id
 
 OPEN_PATHS = {"/health", "/metrics"}
 
@@ -104,6 +105,7 @@ async def list_models(request: Request) -> Response:
 
 async def tokenize(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    rid = request_id("tok")
     try:
         engine = state.ready_engine()
         body = await read_json(request)
@@ -115,22 +117,24 @@ async def tokenize(request: Request) -> Response:
             from jaxserve.server import protocol
             from jaxserve.server.chat import render_chat
             msgs = protocol.chat_messages(body)
-            ids = render_chat(tok, msgs, state.chat_template,
-                              protocol.get(body, "add_generation_prompt", (bool,), True))
+            ids = await asyncio.to_thread(
+                render_chat, tok, msgs, state.chat_template,
+                protocol.get(body, "add_generation_prompt", (bool,), True))
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise APIError(400, "'prompt' must be a string", param="prompt")
             add = body.get("add_special_tokens", True)
-            ids = tok.encode(prompt, add_special_tokens=bool(add))
+            ids = await asyncio.to_thread(tok.encode, prompt, add_special_tokens=bool(add))
         return JSONResponse({"count": len(ids), "max_model_len": engine.core.max_model_len,
                              "tokens": ids})
     except Exception as e:
-        return as_api_error(e).response()
+        return error_reply(e, rid).response()
 
 
 async def detokenize(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    rid = request_id("detok")
     try:
         engine = state.ready_engine()
         body = await read_json(request)
@@ -142,9 +146,11 @@ async def detokenize(request: Request) -> Response:
         bad = [t for t in ids if not 0 <= t < v]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {v})", param="tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(ids)})
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return JSONResponse({"prompt": await asyncio.to_thread(engine.tokenizer.decode, ids)})
     except Exception as e:
-        return as_api_error(e).response()
+        return error_reply(e, rid).response()
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -153,7 +159,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return as_api_error(exc).response()
+    return error_reply(exc, request_id("http")).response()
 
 
 def build_app(state: ServerState, *, api_key: str | None = None, max_body_bytes: int = 32 << 20,

@@ -2,14 +2,15 @@
 
 The conversation is rendered with the model's chat template (or the operator's `--chat-template`)
 in transformers' sandboxed Jinja environment, off the event loop. A template sent in the request
-is refused unless the operator passed `--trust-request-chat-template`.
+is refused unless the operator passed `--trust-request-chat-template`; then it renders in a
+worker process under a time and output-size budget (`jaxserve/server/templates.py`), so a
+template that never ends or floods memory costs its request a 400 and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -19,8 +20,9 @@ from jaxserve.engine.outputs import CompletionOutput
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
-from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
-                                     run_merged, run_to_completion, sse, usage)
+from jaxserve.server.serving import (ServerState, error_reply, prepare_prompts, read_json,
+                                     request_id, run_merged, run_to_completion, sse, usage)
+from jaxserve.server.templates import TemplateRenderError
 from jaxserve.tokenizer import encode_chat
 
 
@@ -46,16 +48,36 @@ def render_chat(tokenizer, messages: list[dict], template: str | None, add_gener
         return encode_chat(tokenizer, messages, chat_template=template,
                            add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 TemplateError, SecurityError, missing template
-        raise APIError(400, f"could not apply the chat template: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}", param="messages") from None
+        raise _template_error(e) from None
+
+
+def _template_error(e: Exception) -> APIError:
+    first = str(e).splitlines()[0][:200] if str(e) else "it raised an error"
+    return APIError(400, f"could not apply the chat template: {first}", param="messages")
+
+
+async def render(state: ServerState, tokenizer, messages: list[dict], template: str | None,
+                 add_generation_prompt: bool, *, from_request: bool) -> list[int]:
+    """The conversation's prompt token ids. A request's own template renders in the sandbox's
+    worker processes; the model's or the operator's in a thread."""
+    if not from_request:
+        return await asyncio.to_thread(render_chat, tokenizer, messages, template,
+                                       add_generation_prompt)
+    try:   # the tokenizer's special tokens are the template's variables, as in transformers
+        text = await state.template_sandbox.render(
+            template, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
+    except TemplateRenderError as e:
+        raise APIError(400, f"could not apply the chat template: {e}", param="chat_template") from None
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
 
 
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    admitted = False
+    rid = request_id("chatcmpl")
+    admitted = 0
     try:
-        engine = state.admit()
-        admitted = True
+        engine = state.ready_engine()
         body = await read_json(request)
         model = state.check_model(body)
         messages = protocol.chat_messages(body)
@@ -80,22 +102,23 @@ async def create_chat_completion(request: Request) -> Response:
         params.validate(engine.core.lm.config.vocab_size)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
-        ids = await asyncio.to_thread(render_chat, engine.tokenizer, messages, template, add_gen)
+        engine = state.admit(params.n)
+        admitted = params.n
+        ids = await render(state, engine.tokenizer, messages, template, add_gen,
+                           from_request=body.get("chat_template") is not None)
         prepared = await prepare_prompts(engine, [ids], params)
     except Exception as e:
-        if admitted:
-            state.release()
-        return as_api_error(e).response()
+        state.release(admitted)
+        return error_reply(e, rid).response()
 
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     prompt_tokens = len(prepared[0][1])
 
     if not stream:
         try:
-            _, final = (await run_to_completion(request, state, engine, prepared, params, "chat"))[0]
+            _, final = (await run_to_completion(request, state, engine, prepared, params, rid))[0]
         except Exception as e:
-            return as_api_error(e).response()
+            return error_reply(e, rid).response()
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o, 0, k) if k is not None else None,
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
@@ -116,7 +139,7 @@ async def create_chat_completion(request: Request) -> Response:
             for i in range(params.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
-            async for _, out in run_merged(state, engine, prepared, params, "chat"):
+            async for _, out in run_merged(state, engine, prepared, params, rid):
                 for o in out.outputs:
                     t0, n0 = sent_text.get(o.index, 0), sent_tok.get(o.index, 0)
                     delta = o.text[t0:]
@@ -131,9 +154,9 @@ async def create_chat_completion(request: Request) -> Response:
             if opts.include_usage:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))
         except Exception as e:
-            yield sse(as_api_error(e).body())
+            yield sse(error_reply(e, rid).body())
         finally:
-            state.release()
+            state.release(admitted)
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -13,8 +12,8 @@ from jaxserve.engine.outputs import CompletionOutput
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
-from jaxserve.server.serving import (ServerState, as_api_error, prepare_prompts, read_json,
-                                     run_merged, run_to_completion, sse, usage)
+from jaxserve.server.serving import (ServerState, error_reply, prepare_prompts, read_json,
+                                     request_id, run_merged, run_to_completion, sse, usage)
 
 
 def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset0: int) -> dict:
@@ -33,10 +32,10 @@ def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset
 
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    admitted = False
+    rid = request_id("cmpl")
+    admitted = 0
     try:
-        engine = state.admit()
-        admitted = True
+        engine = state.ready_engine()
         body = await read_json(request)
         model = state.check_model(body)
         prompts = protocol.completion_prompts(body)
@@ -52,14 +51,14 @@ async def create_completion(request: Request) -> Response:
         opts = protocol.parse_stream_options(body)
         params = protocol.sampling_params(body, default_max_tokens=16, logprobs=k)
         params.validate(engine.core.lm.config.vocab_size)
+        engine = state.admit(len(prompts) * params.n)
+        admitted = len(prompts) * params.n
         prepared = await prepare_prompts(engine, prompts, params)
     except Exception as e:
-        if admitted:
-            state.release()
-        return as_api_error(e).response()
+        state.release(admitted)
+        return error_reply(e, rid).response()
 
     tok = engine.tokenizer
-    rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     n = params.n
 
@@ -68,9 +67,9 @@ async def create_completion(request: Request) -> Response:
 
     if not stream:
         try:
-            finals = await run_to_completion(request, state, engine, prepared, params, "cmpl")
+            finals = await run_to_completion(request, state, engine, prepared, params, rid)
         except Exception as e:
-            return as_api_error(e).response()
+            return error_reply(e, rid).response()
         choices, completion_tokens = [], 0
         for p in range(len(prepared)):
             tr, out = finals[p]
@@ -90,7 +89,7 @@ async def create_completion(request: Request) -> Response:
         sent_tok: dict[tuple[int, int], int] = {}
         completion_tokens = 0
         try:
-            async for tr, out in run_merged(state, engine, prepared, params, "cmpl"):
+            async for tr, out in run_merged(state, engine, prepared, params, rid):
                 for o in out.outputs:
                     key = (tr.prompt_index, o.index)
                     first = key not in sent_text
@@ -114,9 +113,9 @@ async def create_completion(request: Request) -> Response:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except Exception as e:  # an error after the stream started: SSE error event, then [DONE]
-            yield sse(as_api_error(e).body())
+            yield sse(error_reply(e, rid).body())
         finally:
-            state.release()
+            state.release(admitted)
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

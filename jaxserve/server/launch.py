@@ -1,6 +1,8 @@
 """Run the OpenAI-compatible server: uvicorn in the main thread, the model loading (and compiling)
 on a side thread so /health can answer 503 meanwhile, a watchdog for a dead engine, and graceful
 SIGTERM: stop accepting, drain in-flight requests up to --shutdown-timeout, abort the rest, exit 0.
+Whatever is stuck, the process ends within --shutdown-timeout + 10 s of the first SIGTERM (a
+timer then exits hard), and at once on a second one.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -17,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from jaxserve.server.app import build_app
+from jaxserve.server.http import uvicorn_config
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.serving import ServerState
 
@@ -29,10 +33,19 @@ class JaxServer(uvicorn.Server):
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._hard_exit: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # NOTE: unlike uvicorn's own handler we do not re-raise the signal after shutdown, so a
         # drained SIGTERM exits with status 0.
+        if self._draining and sig == signal.SIGTERM:   # a second SIGTERM: stop now
+            os._exit(self.exit_code or 1)
+        if self._hard_exit is None:
+            # the last resort: nothing (a stuck thread, a wedged device call) keeps the process
+            self._hard_exit = threading.Timer(self.shutdown_timeout + 10.0, os._exit,
+                                              (self.exit_code,))
+            self._hard_exit.daemon = True
+            self._hard_exit.start()
         if self._draining or self.loop is None or self.state.engine is None:
             if self._draining and sig == signal.SIGINT:
                 self.force_exit = True
@@ -94,17 +107,49 @@ def follow(args) -> int:
     return 0
 
 
+def default_served_name(model: str | None) -> str:
+    """The name clients send as `model` when no --served-model-name is given: the hub id or preset
+    as given; for a local path its last component (a path is never shown: /v1/models and the
+    unauthenticated /metrics carry this name)."""
+    if not model:
+        return "SmolLM2-135M-Instruct"
+    if os.path.exists(model):
+        base = os.path.basename(os.path.normpath(model))
+        return base[:-5] if base.endswith(".gguf") and len(base) > 5 else base
+    return model
+
+
+def _setup_logging() -> None:
+    """jaxserve's warnings and errors (client mistakes, request failures) on stderr, one line each
+    with a time stamp."""
+    logger = logging.getLogger("jaxserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def serve(args) -> int:
     from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.server.templates import TemplateSandbox
 
-    names = args.served_model_name or [args.model or "SmolLM2-135M-Instruct"]
+    _setup_logging()
+    names = args.served_model_name or [default_served_name(args.model)]
+    aliases = tuple(a for a in (args.model,) if a and a not in names)
     chat_template = args.chat_template
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template) as f:
             chat_template = f.read()
+    sandbox = (TemplateSandbox(timeout_s=args.chat_template_timeout)
+               if args.trust_request_chat_template else None)
     state = ServerState(model_names=names, metrics=Metrics(names[0]),
-                        max_queued_requests=args.max_queued_requests, chat_template=chat_template,
-                        trust_request_chat_template=args.trust_request_chat_template)
+                        max_queued_requests=args.max_queued_requests,
+                        max_request_sequences=args.max_request_sequences,
+                        chat_template=chat_template, model_aliases=aliases,
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        template_sandbox=sandbox)
     api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
     origins = _origins(args.allowed_origins)
 
@@ -117,15 +162,19 @@ def serve(args) -> int:
         task = asyncio.create_task(srv.watchdog())
         yield
         task.cancel()
+        if sandbox is not None:
+            sandbox.close()
         if state.engine is not None:
             state.engine.shutdown()
 
     app = build_app(state, api_key=api_key, max_body_bytes=args.max_request_body_bytes,
                     allowed_origins=origins)
     app.router.lifespan_context = lifespan
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024,
-                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout) + 5))
+    config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            header_timeout=args.http_header_timeout,
+                            body_timeout=args.http_body_timeout,
+                            max_connections_per_client=args.max_connections_per_client,
+                            shutdown_timeout=args.shutdown_timeout)
     server = JaxServer(config, state, args.shutdown_timeout)
     server_box["server"] = server
 

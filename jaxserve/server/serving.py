@@ -1,22 +1,35 @@
 """Serving logic shared by the endpoints: admission, prompt preparation, running n prompts x n
-samples through the AsyncEngine as one merged stream, SSE framing, metrics, disconnects."""
+samples through the AsyncEngine as one merged stream, SSE framing, metrics, disconnects, and how
+failures become responses and log lines.
+
+Admission counts sequences (prompts x n), after the body is read and parsed: a client that is
+slow to send its body holds no queue slot, and one request cannot queue more work than
+`max_request_sequences`. A client mistake is a 4xx envelope and one warning line naming the
+request id; only a server fault is a 500, logged with its traceback. Messages never carry
+exception type names or paths.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDown
-from jaxserve.engine.outputs import InvalidRequestError, RequestOutput
+from jaxserve.engine.outputs import InvalidRequestError, RequestFailedError, RequestOutput
 from jaxserve.sampling.params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import APIError
 from jaxserve.server.metrics import Metrics
+
+log = logging.getLogger("jaxserve.server")
+
+MAX_JSON_DEPTH = 64
 
 
 @dataclasses.dataclass
@@ -25,11 +38,14 @@ class ServerState:
     metrics: Metrics
     engine: AsyncEngine | None = None          # None until warm-up is done
     shutting_down: bool = False
-    max_queued_requests: int = 1024
+    max_queued_requests: int = 1024            # sequences waiting beyond the engine's max_num_seqs
+    max_request_sequences: int = 256           # prompts x n of one request
     chat_template: str | None = None           # operator override
     trust_request_chat_template: bool = False
+    template_sandbox: Any = None               # renders request templates (when trusted)
+    model_aliases: tuple[str, ...] = ()        # also accepted as `model`, never shown
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    inflight: int = 0                          # admitted requests not yet answered in full
+    inflight: int = 0                          # admitted sequences not yet answered in full
 
     @property
     def served_name(self) -> str:
@@ -44,19 +60,25 @@ class ServerState:
             raise APIError(503, "the engine has stopped; the server is exiting")
         return self.engine
 
-    def admit(self) -> AsyncEngine:
-        """Admission control for generation requests: counted synchronously on the event loop, so
-        a burst cannot slip past the limit. Pair every successful call with `release()`."""
+    def admit(self, sequences: int) -> AsyncEngine:
+        """Admission control for a generation request of `sequences` sequences (prompts x n):
+        counted synchronously on the event loop, so a burst cannot slip past the limit. Pair every
+        successful call with `release(sequences)`."""
         engine = self.ready_engine()
-        limit = engine.core.scheduler.config.max_num_seqs + self.max_queued_requests
-        if self.inflight >= limit:
-            raise APIError(429, f"too many requests in flight ({self.inflight}); retry later",
-                           headers={"Retry-After": "1"})
-        self.inflight += 1
+        if sequences > self.max_request_sequences:
+            raise APIError(400, f"this request asks for {sequences} sequences (prompts x n); this "
+                                f"server takes at most {self.max_request_sequences} per request",
+                           param="n")
+        limit = engine.core.max_num_seqs + self.max_queued_requests
+        if self.inflight and self.inflight + sequences > limit:
+            raise APIError(429, f"the server is busy ({self.inflight} sequences in flight, room for "
+                                f"{limit}); retry later", headers={"Retry-After": "1"},
+                           code="rate_limit_exceeded")
+        self.inflight += sequences
         return engine
 
-    def release(self) -> None:
-        self.inflight = max(0, self.inflight - 1)
+    def release(self, sequences: int) -> None:
+        self.inflight = max(0, self.inflight - sequences)
 
     def check_model(self, body: dict) -> str:
         name = body.get("model")
@@ -64,8 +86,11 @@ class ServerState:
             return self.served_name
         if not isinstance(name, str):
             raise APIError(400, "'model' must be a string", param="model")
+        if name in self.model_aliases:
+            return self.served_name
         if name not in self.model_names:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model",
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise APIError(404, f"The model `{shown}` does not exist.", param="model",
                            code="model_not_found")
         return name
 
@@ -76,12 +101,51 @@ async def read_json(request: Request) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels "
+                            "deep") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_json(body)
     return body
 
 
-def as_api_error(e: Exception) -> APIError:
+def check_json(body: dict) -> None:
+    """Refuse what JSON can carry but no field here can use: nesting deeper than MAX_JSON_DEPTH,
+    and strings with lone UTF-16 surrogates ("\\ud800"), which are not Unicode text (tokenizers,
+    templates and the JSON encoder of the reply would each fail on them). Iterative: no recursion
+    on hostile input."""
+    stack: list[tuple[Any, int, str | None]] = [(body, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                           param=field)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            name = field if field is not None else key
+            if isinstance(key, str):
+                _check_text(key, name)
+            if isinstance(item, str):
+                _check_text(item, name)
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, name))
+
+
+def _check_text(s: str, field: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{field}' contains a lone UTF-16 surrogate, which is not valid "
+                                "Unicode text", param=field) from None
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def as_api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, (SamplingParamsError, InvalidRequestError)):
@@ -90,9 +154,28 @@ def as_api_error(e: Exception) -> APIError:
         return APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(503, "the engine has stopped")
+    if isinstance(e, ClientDisconnect):
+        return APIError(499, "client disconnected")
+    if isinstance(e, RequestFailedError):
+        return APIError(500, f"the engine failed this request ({e.request_id}); the server log "
+                             "has the cause")
     if isinstance(e, ValueError):
         return APIError(400, str(e))
-    return APIError(500, f"internal error ({type(e).__name__})")
+    return APIError(500, "internal server error")
+
+
+def error_reply(e: BaseException, rid: str) -> APIError:
+    """`e` as an API error, logged: a client mistake as one warning line, a server fault with its
+    traceback (under the request id the client can quote)."""
+    err = as_api_error(e)
+    if err.status >= 500 and not isinstance(e, (APIError, EngineShuttingDown, EngineDeadError)):
+        log.error("request %s: %d %s", rid, err.status, err.message,
+                  exc_info=None if isinstance(e, RequestFailedError) else e)
+        if err.message == "internal server error":
+            err = APIError(500, f"internal server error (request {rid})")
+    elif err.status not in (499,):
+        log.warning("request %s: %d %s", rid, err.status, err.message[:300])
+    return err
 
 
 async def prepare_prompts(engine: AsyncEngine, prompts: list[Any], params: SamplingParams
@@ -120,11 +203,11 @@ class Tracked:
 
 
 async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tuple[str | None, list[int]]],
-                     params: SamplingParams, prefix: str
+                     params: SamplingParams, base: str
                      ) -> AsyncIterator[tuple[Tracked, RequestOutput]]:
-    """Run every prompt concurrently; yield (which, cumulative output) as updates arrive."""
+    """Run every prompt concurrently; yield (which, cumulative output) as updates arrive. The
+    engine request of prompt i is `{base}-{i}`."""
     queue: asyncio.Queue = asyncio.Queue()
-    base = f"{prefix}-{uuid.uuid4().hex[:16]}"
     tracked = [Tracked(i, f"{base}-{i}", t, ids) for i, (t, ids) in enumerate(prepared)]
     done = object()
 
@@ -186,12 +269,12 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
 
 async def run_to_completion(request: Request, state: ServerState, engine: AsyncEngine,
                             prepared: list[tuple[str | None, list[int]]], params: SamplingParams,
-                            prefix: str) -> dict[int, tuple[Tracked, RequestOutput]]:
+                            base: str) -> dict[int, tuple[Tracked, RequestOutput]]:
     """Non-streaming: every prompt's final output, keyed by prompt index. Aborts everything if
-    the client disconnects first. Releases the request's admission slot in all cases."""
+    the client disconnects first. Releases the request's admission in all cases."""
     async def collect():
         finals = {}
-        async for tr, out in run_merged(state, engine, prepared, params, prefix):
+        async for tr, out in run_merged(state, engine, prepared, params, base):
             if out.finished:
                 finals[tr.prompt_index] = (tr, out)
         return finals
@@ -199,7 +282,7 @@ async def run_to_completion(request: Request, state: ServerState, engine: AsyncE
     try:
         return await until_disconnected(request, collect())
     finally:
-        state.release()
+        state.release(len(prepared) * params.n)
 
 
 async def until_disconnected(request: Request, coro):
