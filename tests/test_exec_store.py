@@ -4,6 +4,9 @@ changes."""
 
 import glob
 import os
+import pickle
+import re
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +150,145 @@ def test_replicas_on_other_devices_keep_their_own_entries(tmp_path, monkeypatch)
     assert os.path.isdir(stores[0].dir)                 # the first device set's entries stay
     assert not os.path.isdir(stores[1].dir)             # the other set kept only its newest
     assert os.path.dirname(newer.dir) == os.path.dirname(stores[1].dir) != os.path.dirname(stores[0].dir)
+
+
+# --- trust boundary: entries are pickles (code), loaded only from directories only we can write ---
+
+def _run_marker(path):
+    open(path, "w").close()
+
+
+class _Planted:
+    """A pickle that, once unpickled, creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _run_marker, (self.marker,)
+
+
+def _store(root):
+    from jaxserve.runner import exec_store
+    return exec_store.ExecutableStore(str(root), "config", jax.devices()[:1])
+
+
+def _plant(store, tmp_path):
+    """A planted entry (0o600, ours) in the store's fingerprint directory: its path, the
+    marker."""
+    os.makedirs(store.dir, exist_ok=True)
+    os.chmod(store.dir, 0o700)
+    entry = store.path(("planted",), (), {})
+    marker = tmp_path / "unpickled"
+    with open(entry, "wb") as f:
+        pickle.dump(_Planted(marker), f)
+    os.chmod(entry, 0o600)
+    return entry, marker
+
+
+def _mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_a_planted_entry_in_our_own_directory_is_unpickled(tmp_path, umask):
+    # the control: the check does not refuse everything, so the tests below can fail
+    store = _store(tmp_path / "store")
+    entry, marker = _plant(store, tmp_path)
+    with pytest.warns(RuntimeWarning, match="could not load"):
+        assert store.load(entry) is None   # it unpickles to no executable
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("which,mode,reason", [
+    ("root", 0o777, "writable by other users"), ("slot", 0o775, "writable by its group"),
+    ("dir", 0o757, "writable by other users"), ("entry", 0o666, "writable by other users")],
+    ids=["root-777", "slot-775", "dir-757", "entry-666"])
+def test_a_planted_entry_where_others_can_write_is_not_unpickled(tmp_path, umask, which, mode,
+                                                                 reason):
+    store = _store(tmp_path / "store")
+    entry, marker = _plant(store, tmp_path)
+    bad = {"root": store.root, "slot": os.path.dirname(store.dir), "dir": store.dir,
+           "entry": entry}[which]
+    os.chmod(bad, mode)
+    # found when loading (the directories were fine when the store started) ...
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{bad} is {reason}")):
+        assert store.load(entry) is None
+    assert not marker.exists() and store.refused
+    # ... or by a store started afterwards (on starting, or on its first load for the entry):
+    # it then neither loads nor saves there
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{bad} is {reason}")):
+        late = _store(tmp_path / "store")
+        assert late.load(entry) is None
+    assert late.refused and not marker.exists()
+    compiled = jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile()
+    assert not late.save(late.path(("k",), (), {}), compiled)
+    assert sorted(os.listdir(store.dir)) == [os.path.basename(entry)]
+    assert _mode(bad) == mode   # left as it was
+
+
+def test_entries_owned_by_another_user_are_not_unpickled(tmp_path, umask, monkeypatch):
+    store = _store(tmp_path / "store")
+    entry, marker = _plant(store, tmp_path)
+    euid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: euid + 1)   # everything is now someone else's
+    with pytest.warns(RuntimeWarning,
+                      match=re.escape(f"{store.root} is owned by uid {euid}, not by this")):
+        assert store.load(entry) is None
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("which", ["entry", "dir"])
+def test_symbolic_links_are_not_followed(tmp_path, umask, which):
+    store = _store(tmp_path / "store")
+    entry, marker = _plant(store, tmp_path)
+    if which == "entry":    # the entry links to a file of ours elsewhere
+        os.rename(entry, tmp_path / "elsewhere.exe")
+        os.symlink(tmp_path / "elsewhere.exe", entry)
+        link = entry
+    else:                   # the fingerprint directory links to a directory of ours elsewhere
+        link = store.dir
+        os.rename(store.dir, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", store.dir)
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{link} is a symbolic link")):
+        assert store.load(entry) is None
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o222], ids=["umask-022", "umask-222"])
+def test_directories_are_created_owner_only(tmp_path, umask, mask):
+    from jaxserve.runner.compile import enable_persistent_cache
+    umask(mask)
+    keep = {k: getattr(jax.config, k)
+            for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        path = enable_persistent_cache(str(tmp_path / "x" / "xla"))
+    finally:
+        for k, v in keep.items():
+            jax.config.update(k, v)
+    assert _mode(tmp_path / "x") == _mode(path) == 0o700
+    store = _store(os.path.join(path, STORE))
+    compiled = jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile()
+    entry = store.path(("k",), (), {})
+    assert store.save(entry, compiled) and not store.refused
+    for d in (store.root, os.path.dirname(store.dir), store.dir):
+        assert _mode(d) == 0o700, d
+    assert _mode(entry) == 0o600
+    # and it loads what it saved (not run: XLA:CPU may not run a reloaded executable next to
+    # fresh ones of the same process)
+    assert store.load(entry) is not None
+
+
+def test_an_existing_cache_directory_keeps_its_permissions(tmp_path, umask):
+    from jaxserve.runner.compile import makedirs_private
+    os.mkdir(tmp_path / "mine", 0o755)
+    makedirs_private(str(tmp_path / "mine"))
+    assert _mode(tmp_path / "mine") == 0o755   # not writable by others: the store trusts it
+    store = _store(tmp_path / "mine")
+    assert not store.refused

@@ -57,12 +57,34 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 
 
+def makedirs_private(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`, creating every missing directory owner-only (0o700,
+    whatever the umask). Directories that already exist are left as they are."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue   # created meanwhile by someone else: not ours to change
+        os.chmod(d, 0o700)   # the umask may have taken bits off (it never adds any)
+
+
 def enable_persistent_cache(cache_dir: str | None = "auto") -> str | None:
-    """Turn on JAX's persistent compilation cache (None or "" disables)."""
+    """Turn on JAX's persistent compilation cache (None or "" disables). The directory, and any
+    missing parent, is created owner-only (0o700); an existing one keeps its permissions."""
     if not cache_dir:
         return None
     path = default_cache_dir() if cache_dir == "auto" else cache_dir
-    os.makedirs(path, exist_ok=True)
+    makedirs_private(path)
     jax.config.update("jax_compilation_cache_dir", path)
     # every executable, however quick to compile: a warm start then compiles nothing
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -16,11 +16,24 @@ a fingerprint of everything that shapes them:
 
 Anything the store cannot load (missing, written by another fingerprint, unreadable, or an
 executable the backend cannot serialize) is lowered and compiled as usual; the store only ever
-saves time. Files are written atomically (temporary file, then rename). Entries are pickles, to
-be trusted like the XLA cache beside them. Entries live in one folder per process and device set
-(`p<process>-d<device ids>/<fingerprint>/`), and only the `_KEEP` most recently used fingerprints
-of each are kept (each code or configuration change adds one, ~80 MB for an 8B model's 50
-executables).
+saves time. Files are written atomically (temporary file, then rename). Entries live in one folder
+per process and device set (`p<process>-d<device ids>/<fingerprint>/`), and only the `_KEEP` most
+recently used fingerprints of each are kept (each code or configuration change adds one, ~80 MB
+for an 8B model's 50 executables).
+
+Trust: an entry is a pickled compiled executable, i.e. code: loading it runs whatever it holds.
+The store therefore creates its directories owner-only (0o700) and its files 0o600, and before it
+loads an entry it checks the store root, every directory from the root down to the entry's, and
+the entry file: each must be owned by the current user (effective uid) and not writable by group
+or others, and the entry must be a regular file, not a symbolic link. Each directory below the
+root is opened relative to the one above it (symbolic links not followed) and the entry is read
+through a descriptor matched to the file that was checked, so nothing can be swapped in between.
+Where the check fails the store warns once (naming the path and why) and neither loads nor saves
+there: the engine compiles as usual. This keeps other local users from planting code; it does
+not protect against anything running as the same user (which can write the store, or the code,
+anyway). The directories above the store root are not checked (the root is checked wherever its
+path leads). JAX's persistent compilation cache beside the store is JAX's: it gets no such check,
+only the owner-only directories `compile.enable_persistent_cache` creates.
 """
 
 from __future__ import annotations
@@ -29,10 +42,15 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import stat
 import tempfile
+import threading
 import warnings
 
 import jax
+
+from jaxserve.runner.compile import makedirs_private
+
 
 def enabled() -> bool:
     """Whether engines keep their compiled step executables: on GPUs by default. Not on the CPU:
@@ -75,6 +93,72 @@ def _describe_args(args, static: dict) -> str:
                  sorted(static.items())))
 
 
+class _Untrusted(Exception):
+    """A path the store must not load from: `path` and the `reason` why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.path, self.reason = path, reason
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _check(st: os.stat_result, path: str, want_dir: bool) -> None:
+    """Raise `_Untrusted` unless `st` is a directory (or regular file) owned by this user and not
+    writable by group or others."""
+    if stat.S_ISLNK(st.st_mode):
+        raise _Untrusted(path, "is a symbolic link")
+    if want_dir and not stat.S_ISDIR(st.st_mode):
+        raise _Untrusted(path, "is not a directory")
+    if not want_dir and not stat.S_ISREG(st.st_mode):
+        raise _Untrusted(path, "is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise _Untrusted(path, f"is owned by uid {st.st_uid}, not by this user "
+                               f"(uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "other users" if st.st_mode & stat.S_IWOTH else "its group"
+        raise _Untrusted(path, f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _open_trusted_dir(root: str, parts: list[str], create: bool = False) -> int:
+    """A descriptor of `root/parts[0]/...`, each directory checked with `_check` (the components
+    below the root opened relative to the one above, not following symbolic links). `create`:
+    make missing components owner-only. Raises `_Untrusted`, or OSError (FileNotFoundError when a
+    component is missing)."""
+    if not hasattr(os, "geteuid") or not _NOFOLLOW:
+        raise _Untrusted(root, "cannot be checked for its owner on this platform")
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        _check(os.fstat(fd), root, want_dir=True)
+        path = root
+        for part in parts:
+            path = os.path.join(path, part)
+            made = False
+            if create:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass
+            try:
+                sub = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if not isinstance(e, FileNotFoundError) and os.path.islink(path):
+                    raise _Untrusted(path, "is a symbolic link") from None
+                raise
+            os.close(fd)
+            fd = sub
+            if made:
+                os.fchmod(fd, 0o700)   # the umask may have taken bits off
+            _check(os.fstat(fd), path, want_dir=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ExecutableStore:
     """Load/save compiled executables for one runner configuration (`describe`: text naming it)."""
 
@@ -93,10 +177,26 @@ class ExecutableStore:
         # one folder per (process, devices): data-parallel replicas and the processes of a job
         # sharing a cache directory keep (and prune) their own entries
         slot = f"p{jax.process_index()}-d" + "-".join(str(d.id) for d in self.devices)
+        self.root = root
         self.dir = os.path.join(root, slot, self.fingerprint)
+        self._parts = [slot, self.fingerprint]
         self.saved = 0
         self._warned = False
-        self._prune(os.path.join(root, slot))
+        self._warn_lock = threading.Lock()
+        # None, or why the store neither loads nor saves here (see the module docstring)
+        self.refused: str | None = None
+        try:
+            makedirs_private(root)
+            os.close(_open_trusted_dir(root, [slot], create=True))
+            if os.path.lexists(self.dir):
+                os.close(_open_trusted_dir(root, self._parts))
+        except _Untrusted as e:
+            self._refuse(e)
+        except OSError as e:
+            self.refused = str(e)
+            self._warn(f"cannot use {root} ({e}); compiling instead")
+        if self.refused is None:
+            self._prune(os.path.join(root, slot))
         if backend.platform in ("gpu", "cuda", "rocm"):
             try:   # sets the path Mosaic GPU kernels' host code needs when an executable is loaded
                 importlib.import_module("jax.experimental.mosaic.gpu")
@@ -107,7 +207,6 @@ class ExecutableStore:
         """Mark this fingerprint as used now; delete all but the `_KEEP` most recently used."""
         import shutil
         try:
-            os.makedirs(root, exist_ok=True)
             if os.path.isdir(self.dir):
                 os.utime(self.dir)
             dirs = [os.path.join(root, d) for d in os.listdir(root)]
@@ -123,13 +222,46 @@ class ExecutableStore:
         name = hashlib.sha256((repr(key) + _describe_args(args, static)).encode()).hexdigest()[:40]
         return os.path.join(self.dir, name + ".exe")
 
+    def _open_entry(self, path: str) -> int:
+        """A read descriptor of the entry file `path` (in `self.dir`), after the trust check of
+        its directories and of the file itself. Raises `_Untrusted` or OSError."""
+        if os.path.dirname(path) != self.dir:
+            raise _Untrusted(path, "is not in this store's directory")
+        name = os.path.basename(path)
+        dfd = _open_trusted_dir(self.root, self._parts)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            _check(st, path, want_dir=False)
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                raise _Untrusted(path, "was replaced while being checked")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def load(self, path: str):
-        """The executable stored at `path` (from `path()`), or None (thread-safe)."""
-        if not os.path.exists(path):
+        """The executable stored at `path` (from `path()`), or None (thread-safe). Only read after
+        the trust check in the module docstring passes."""
+        if self.refused is not None:
+            return None
+        try:
+            fd = self._open_entry(path)
+        except FileNotFoundError:
+            return None
+        except _Untrusted as e:
+            self._refuse(e)
+            return None
+        except OSError as e:
+            self._warn(f"could not load {path} ({e}); compiling instead")
             return None
         from jax.experimental.serialize_executable import deserialize_and_load
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
                 blob, in_tree, out_tree = pickle.load(f)
             exe = deserialize_and_load(blob, in_tree, out_tree, backend=self.devices[0].client,
                                        execution_devices=self.devices)
@@ -139,15 +271,27 @@ class ExecutableStore:
         return exe
 
     def save(self, path: str, compiled) -> bool:
+        """Write `compiled` to `path` (from `path()`), a 0o600 file; False where it cannot be
+        (not serializable, or the store refused its directory)."""
+        if self.refused is not None:
+            return False
         from jax.experimental.serialize_executable import serialize
         try:
             data = pickle.dumps(serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # noqa: BLE001 - e.g. CPU sorts with a custom comparator: not serializable
             return False
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            os.close(_open_trusted_dir(self.root, self._parts, create=True))
+        except _Untrusted as e:
+            self._refuse(e)
+            return False
+        except OSError as e:
+            self._warn(f"could not write to {self.dir} ({e})")
+            return False
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")   # 0o600 (less by umask)
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, 0o600)
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:
@@ -156,7 +300,16 @@ class ExecutableStore:
         self.saved += 1
         return True
 
+    def _refuse(self, e: _Untrusted) -> None:
+        """Stop loading and saving: `e.path` fails the trust check."""
+        self.refused = str(e)
+        self._warn(f"not loading or saving executables: {e.path} {e.reason} (the store only "
+                   f"trusts directories and files owned by this user and writable by it alone: "
+                   f"fix the permissions, e.g. chmod 700, or remove it); compiling instead")
+
     def _warn(self, msg: str) -> None:
-        if not self._warned:
-            warnings.warn(f"executable store: {msg}", RuntimeWarning, stacklevel=3)
+        with self._warn_lock:
+            if self._warned:
+                return
             self._warned = True
+        warnings.warn(f"executable store: {msg}", RuntimeWarning, stacklevel=3)
