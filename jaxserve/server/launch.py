@@ -26,6 +26,7 @@ from jaxserve.server.serving import ServerState
 
 
 class JaxServer(uvicorn.Server):
+    hard_exit_grace = 10.0   # seconds past --shutdown-timeout before the process exits regardless
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
         super().__init__(config)
         self.state = state
@@ -42,8 +43,8 @@ class JaxServer(uvicorn.Server):
             os._exit(self.exit_code or 1)
         if self._hard_exit is None:
             # the last resort: nothing (a stuck thread, a wedged device call) keeps the process
-            self._hard_exit = threading.Timer(self.shutdown_timeout + 10.0, os._exit,
-                                              (self.exit_code,))
+            self._hard_exit = threading.Timer(self.shutdown_timeout + self.hard_exit_grace,
+                                              os._exit, (self.exit_code,))
             self._hard_exit.daemon = True
             self._hard_exit.start()
         if self._draining or self.loop is None or self.state.engine is None:

@@ -123,9 +123,9 @@ def check_json(body: dict) -> None:
                            param=field)
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            name = field if field is not None else key
             if isinstance(key, str):
-                _check_text(key, name)
+                _check_text(key, field or "a key")
+            name = field if field is not None else key
             if isinstance(item, str):
                 _check_text(item, name)
             elif isinstance(item, (dict, list)):
