@@ -30,7 +30,7 @@ def get(body: dict, field: str, kinds: tuple, default: Any = None, *, what: str 
     if isinstance(v, bool) and bool not in kinds:
         raise _bad(field, f"must be {what or _describe(kinds)}, got a boolean")
     if not isinstance(v, kinds):
-        raise _bad(field, f"must be {what or _describe(kinds)}, got {type(v).__name__}")
+        raise _bad(field, f"must be {what or _describe(kinds)}, got {_describe((type(v),))}")
     if isinstance(v, float) and not math.isfinite(v):
         raise _bad(field, f"must be a finite number, got {v}")
     return v
