@@ -213,7 +213,7 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
 
     async def pump(tr: Tracked) -> None:
         start = time.monotonic()
-        last, seen = None, 0
+        last, seen, ended, failure = None, 0, False, None
         try:
             async for out in engine.generate({"prompt_token_ids": tr.prompt_ids, "prompt": tr.prompt_text},
                                              params, tr.request_id):
@@ -230,6 +230,7 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
                     last, seen = now, ntok
                 await queue.put((tr, out))
                 if out.finished:
+                    ended = True
                     state.metrics.e2e.observe(now - start)
                     sched = out.metrics.get("first_scheduled_time")
                     if sched is not None:
@@ -237,8 +238,13 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
                     for o in out.outputs:
                         state.metrics.finished(o.finish_reason)
         except BaseException as e:  # delivered to the consumer, which re-raises
+            failure = e
             await queue.put(e)
         finally:
+            if not ended:   # aborted (client gone) or failed: counted as vLLM does
+                reason = "error" if isinstance(failure, RequestFailedError) else "abort"
+                for _ in range(params.n):
+                    state.metrics.finished(reason)
             await queue.put(done)
 
     tasks = [asyncio.create_task(pump(t)) for t in tracked]
