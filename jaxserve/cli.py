@@ -1,30 +1,85 @@
 """`jaxserve` command line.
 
-    jaxserve [serve] [--model M] [--port 8000]  OpenAI-compatible server (the default command)
-    jaxserve generate "prompt" [--model M]     one greedy answer, streamed to stdout
+    jaxserve [serve] [MODEL] [--port 8000]     OpenAI-compatible server (the default command)
+    jaxserve generate "prompt" [--model M]     one answer, streamed to stdout (greedy by default)
     jaxserve chat [--model M]                  interactive terminal chat
     jaxserve convert --model M --output DIR    save loaded parameters as an orbax checkpoint
     jaxserve bench throughput|latency|serve    benchmarks with `vllm bench`'s definitions
 
-With no --model, the embedded default (SmolLM2-135M-Instruct) is used.
+With no model, the embedded default (SmolLM2-135M-Instruct) is used. `python -m jaxserve` is the
+same command. `serve` takes `vllm serve` command lines: its flags mean what vLLM's mean, and the
+vLLM flags with no counterpart here are refused with what to use instead (docs/vllm.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import json
 import os
 import sys
 import time
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given; the message says what to use instead."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` shows each flag's default; a flag that is off or unset by default (False, None)
+    says in its help what it then does."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and default is not None
+                and default is not False and default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _human_int(value: str) -> int:
+    """An integer, also written as vLLM takes it: 32k = 32,000, 32K = 32,768 (m/M, g/G alike)."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        if value and value[-1] in scale:
+            number = float(value[:-1]) * scale[value[-1]]
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer like 4096, 32k or 32K, got {value!r}") from None
+
+
+def _dtype(value: str) -> str:
+    return "float32" if value == "float" else value   # vLLM's spelling of float32
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF hub id, local HF directory, .gguf file, orbax directory or preset name "
                         "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--dtype", type=_dtype, default="auto",
+                   help="auto (float32 on CPU, else the checkpoint's) | bfloat16 | float16 | half | "
+                        "float32 | float")
     p.add_argument("--load-format", default="auto",
-                   choices=["auto", "safetensors", "gguf", "orbax", "dummy"])
-    p.add_argument("--seed", type=int, default=0)
+                   choices=["auto", "safetensors", "gguf", "orbax", "dummy"],
+                   help="how to read the weights; dummy: random weights of the real shapes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of dummy weights and of sampling (a request's own seed "
+                        "wins)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 answers greedily; above 0 samples through the serving engine")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per answer")
 
 
 def _load(args):
@@ -66,8 +121,52 @@ def _answer(lm, gen, prompt_ids: list[int], max_tokens: int, out) -> str:
     return detok.text
 
 
+class _SampledAnswers:
+    """Sampled answers (--temperature > 0) from the serving engine, so that they are exactly what
+    the server's sampler gives for the same values and seed. Its warm-up is off: the one batch
+    shape a single conversation needs compiles on first use, in seconds."""
+
+    def __init__(self, lm, args):
+        from jaxserve.engine.core import EngineConfig, EngineCore
+
+        self.core = EngineCore(lm, EngineConfig(max_num_seqs=1, seed=args.seed, warmup=False,
+                                                show_progress=False, freeze_gc=False))
+        self.args = args
+        self.turns = itertools.count()
+
+    def answer(self, prompt_ids: list[int], max_tokens: int, out) -> str:
+        from jaxserve.sampling.params import SamplingParams
+
+        turn = next(self.turns)
+        a = self.args
+        params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                max_tokens=max_tokens, seed=a.seed + turn)
+        rid = f"cli-{turn}"
+        self.core.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+        text = ""
+        while self.core.has_unfinished():
+            for o in self.core.step():
+                if o.request_id == rid:   # cumulative text: write what is new
+                    out.write(o.outputs[0].text[len(text):])
+                    out.flush()
+                    text = o.outputs[0].text
+        out.write("\n")
+        out.flush()
+        return text
+
+
+def _answerer(lm, args):
+    """`answer(prompt_ids, max_tokens, out) -> text`: greedy answers (the default) run the model
+    step by step on their own, nothing to compile ahead; sampled ones go through the engine."""
+    if args.temperature == 0:
+        from jaxserve.runner.generate import GreedyGenerator
+
+        gen = GreedyGenerator(lm.model)
+        return lambda ids, max_tokens, out: _answer(lm, gen, ids, max_tokens, out)
+    return _SampledAnswers(lm, args).answer
+
+
 def cmd_generate(args) -> int:
-    from jaxserve.runner.generate import GreedyGenerator
     from jaxserve.tokenizer import encode_chat
 
     lm = _load(args)
@@ -84,19 +183,18 @@ def cmd_generate(args) -> int:
         print(f"error: prompt has {len(ids)} tokens, the model's context is "
               f"{lm.config.max_position_embeddings}", file=sys.stderr)
         return 2
-    gen = GreedyGenerator(lm.model)
+    answer = _answerer(lm, args)
     t0 = time.perf_counter()
-    _answer(lm, gen, ids, min(args.max_tokens, budget), sys.stdout)
+    answer(ids, min(args.max_tokens, budget), sys.stdout)
     print(f"[{time.perf_counter() - t0:.1f}s]", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    from jaxserve.runner.generate import GreedyGenerator
     from jaxserve.tokenizer import encode_chat
 
     lm = _load(args)
-    gen = GreedyGenerator(lm.model)
+    answer = _answerer(lm, args)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -114,7 +212,7 @@ def cmd_chat(args) -> int:
         if budget < 1:
             print("[context full: start a new chat]", file=sys.stderr)
             break
-        reply = _answer(lm, gen, ids, min(args.max_tokens, budget), sys.stdout)
+        reply = answer(ids, min(args.max_tokens, budget), sys.stdout)
         messages.append({"role": "assistant", "content": reply})
     return 0
 
@@ -143,14 +241,47 @@ def cmd_serve(args) -> int:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it: same as --model")
     _add_model_args(p)
+    p.add_argument("--tokenizer", default=None,
+                   help="HF directory, hub id or .gguf file to take the tokenizer (and chat "
+                        "template) from instead of the model's")
+    p.add_argument("--tokenizer-revision", default=None, help="hub revision of --tokenizer")
+    p.add_argument("--revision", default=None,
+                   help="hub revision of the model (branch, tag or commit; default: main)")
+    p.add_argument("--download-dir", default=None,
+                   help="Hugging Face cache directory for hub downloads (default: $HF_HUB_CACHE "
+                        "or ~/.cache/huggingface/hub)")
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling for requests that leave fields out: auto reads the "
+                        "model's generation_config.json (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_new_tokens); vllm ignores it; or a folder "
+                        "holding a generation_config.json")
+    p.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help='sampling defaults set over the generation config, e.g. '
+                        '\'{"temperature": 0.5}\'')
     p.add_argument("--config", default=None, help="YAML file of flag values (see configs/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
                    "(also read from $JAXSERVE_API_KEY)")
-    p.add_argument("--served-model-name", nargs="+", default=None)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients send as `model`; the first is shown (default: the hub id, "
+                        "or a local model's folder or file name)")
+    p.add_argument("--root-path", default=None,
+                   help="path prefix a reverse proxy strips before forwarding (ASGI root_path)")
     _add_engine_args(p)
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs (top alternatives per token) a request may ask for; at "
+                        "most 20, the top-K the sampler computes on the device")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="skip the start-up warm-up: each step executable compiles when first "
+                        "needed (start-up in seconds; early requests wait for compiles)")
+    p.add_argument("--pooler-config", default=None,
+                   help="how /v1/embeddings pools: LAST | MEAN | CLS, or JSON like "
+                        "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (default: LAST, "
+                        "normalized)")
     p.add_argument("--chat-template", default=None, help="a Jinja template file or string")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="allow requests to carry their own chat_template (rendered in worker "
@@ -170,28 +301,300 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "reverse proxy every client has the proxy's address)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGTERM")
-    p.add_argument("--allowed-origins", default=None, help="CORS origins, comma-separated or JSON")
-    p.add_argument("--max-request-body-bytes", type=int, default=32 << 20)
-    p.add_argument("--uvicorn-log-level", default="warning")
-    p.add_argument("--coordinator-address", default=None,
-                   help="multi-host: HOST:PORT of process 0 (jax.distributed); the mesh then spans "
-                        "every process's devices and process 0 serves HTTP")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-host: processes in the job")
-    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    p.add_argument("--allowed-origins", default=None,
+                   help="CORS origins, comma-separated or JSON (default: no CORS headers)")
+    p.add_argument("--max-request-body-bytes", type=int, default=32 << 20,
+                   help="largest request body; larger ones get 413")
+    tls = p.add_argument_group("TLS (HTTPS)")
+    tls.add_argument("--ssl-keyfile", default=None, help="the server's private key (PEM)")
+    tls.add_argument("--ssl-certfile", default=None,
+                     help="the server's certificate chain (PEM); with it the server speaks HTTPS")
+    tls.add_argument("--ssl-ca-certs", default=None,
+                     help="CA certificates to verify client certificates with")
+    tls.add_argument("--ssl-cert-reqs", type=int, default=0, choices=[0, 1, 2],
+                     help="client certificates: 0 not asked, 1 optional, 2 required "
+                          "(Python's ssl.CERT_NONE/OPTIONAL/REQUIRED)")
+    tls.add_argument("--ssl-ciphers", default=None, help="OpenSSL cipher list (default: Python's)")
+    logs = p.add_argument_group("logging")
+    logs.add_argument("--uvicorn-log-level", default="warning",
+                      choices=["critical", "error", "warning", "info", "debug", "trace"],
+                      help="uvicorn's own log lines")
+    logs.add_argument("--disable-uvicorn-access-log", action="store_true",
+                      help="no per-request access lines from uvicorn (they show at "
+                           "--uvicorn-log-level info)")
+    logs.add_argument("--enable-log-requests", action="store_true",
+                      help="log each request: its id, prompt, sampling parameters, and how it "
+                           "ended (off: only refused and failed requests are logged)")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="vLLM's older switch: request logging is off by default here")
+    logs.add_argument("--max-log-len", type=int, default=None,
+                      help="characters of a prompt that --enable-log-requests shows (default: all)")
+    logs.add_argument("--disable-log-stats", action="store_true",
+                      help="no periodic stats lines (throughput, running and waiting requests, KV "
+                           "cache use; every 10 s while there is work)")
+    hosts = p.add_argument_group("multi-host")
+    hosts.add_argument("--coordinator-address", default=None,
+                       help="HOST:PORT of process 0 (jax.distributed); the mesh then spans every "
+                            "process's devices and process 0 serves HTTP")
+    hosts.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    hosts.add_argument("--process-id", type=int, default=None, help="this process's index")
+    _add_vllm_compat_args(p)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-model-len", type=_human_int, default=None,
+                   help="longest sequence, prompt + output; 32k and 32K work (default: the "
+                        "model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences running at once (default: 256 on GPU, 16 on CPU)")
+    p.add_argument("--max-num-batched-tokens", type=_human_int, default=None,
+                   help="tokens per engine step (default: 2048 on GPU, 256 on CPU)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="usable KV cache pages (default: sized from free device memory x "
+                        "--gpu-memory-utilization)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="vLLM's spelling: KV cache blocks in all, one of them the null block "
+                        "(= --num-kv-blocks N-1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory for weights, activations and the KV cache")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of shared prompt prefixes")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 (tensor parallel over the "
-                   "first 2 devices) or dp=2,tp=2 (two replicas of tp=2)")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--compilation-cache-dir", default="auto")
+                   "first 2 devices) or dp=2,tp=2 (two replicas of tp=2) (default: one device)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="vLLM's spelling of --mesh tp=N")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=None,
+                   help="vLLM's spelling of --mesh dp=N (replicas)")
+    p.add_argument("--attention-backend", default="auto",
+                   help="auto | pallas | reference (the jnp attention)")
+    p.add_argument("--compilation-cache-dir", default="auto",
+                   help="XLA's persistent compilation cache; auto: $JAXSERVE_COMPILATION_CACHE_DIR "
+                        "or ~/.cache/jaxserve/xla; \"\" turns it off")
+
+
+@dataclasses.dataclass(frozen=True)
+class _VllmOnly:
+    """A vLLM serve flag with no counterpart here: `values` it takes silently (they are what
+    jaxserve does anyway); otherwise a `note` (accepted, one line on stderr: it changes nothing)
+    or a refusal (`refuse`: what to do instead)."""
+    flags: tuple[str, ...]
+    kind: str                 # "flag" (no value) | "value" | "values" (one or more) | "bool"
+    refuse: str = ""
+    note: str = ""
+    values: tuple[str, ...] = ()
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+_NO_LORA = ("LoRA adapters are not supported: merge the adapter into the base weights "
+            "(peft's merge_and_unload) and serve the merged checkpoint")
+_NO_TOOLS = ("tool calling is not supported (requests with tools get a 400): serve without "
+             "tool-call flags")
+_NO_STRUCTURED = ("structured output is not supported (requests for JSON or a schema get a "
+                  "400): serve without it")
+
+VLLM_ONLY: tuple[_VllmOnly, ...] = (
+    _VllmOnly(("--quantization", "-q"), "value",
+              refuse="quantized checkpoints (AWQ, GPTQ, fp8, bitsandbytes) are not loaded: serve "
+                     "the unquantized checkpoint, or a GGUF file (dequantized on load)"),
+    _VllmOnly(("--kv-cache-dtype",), "value", values=("auto",),
+              refuse="the KV cache has the model's dtype (--dtype); fp8 KV caches are not "
+                     "supported: use --kv-cache-dtype auto"),
+    _VllmOnly(("--pipeline-parallel-size", "-pp"), "value", values=("1",),
+              refuse="pipeline parallelism is not supported: split the model with "
+                     "--tensor-parallel-size (a mesh may span hosts: --coordinator-address, "
+                     "docs/scaling.md)"),
+    _VllmOnly(("--cpu-offload-gb",), "value", values=("0",),
+              refuse="weights cannot be offloaded to CPU memory: use more devices "
+                     "(--tensor-parallel-size) or a smaller model"),
+    _VllmOnly(("--swap-space",), "value",
+              note="ignored: a preempted request's KV cache is recomputed, never swapped to "
+                   "CPU memory"),
+    _VllmOnly(("--enable-chunked-prefill",), "bool",
+              note="ignored: chunked prefill is always on (a long prompt's prefill is split "
+                   "under --max-num-batched-tokens)",
+              refuse="chunked prefill is always on: with --max-num-batched-tokens at least "
+                     "--max-model-len, a prompt that has a step to itself is never split"),
+    _VllmOnly(("--speculative-config",), "value",
+              refuse="speculative decoding is not supported: serve without it"),
+    _VllmOnly(("--enable-lora",), "flag", refuse=_NO_LORA),
+    _VllmOnly(("--lora-modules",), "values", refuse=_NO_LORA),
+    _VllmOnly(("--disable-custom-all-reduce",), "flag",
+              refuse="to use XLA's collectives only, set JAXSERVE_PEER_ALL_REDUCE=0 and "
+                     "JAXSERVE_ONE_SHOT_ALL_REDUCE=0 in the environment"),
+    _VllmOnly(("--enable-auto-tool-choice",), "flag", refuse=_NO_TOOLS),
+    _VllmOnly(("--tool-call-parser",), "value", refuse=_NO_TOOLS),
+    _VllmOnly(("--reasoning-parser",), "value",
+              refuse="reasoning is not split from the answer (it stays in `content`): serve "
+                     "without --reasoning-parser"),
+    _VllmOnly(("--guided-decoding-backend",), "value", refuse=_NO_STRUCTURED),
+    _VllmOnly(("--structured-outputs-config",), "value", refuse=_NO_STRUCTURED),
+    _VllmOnly(("--trust-remote-code",), "flag",
+              note="not needed: jaxserve never runs code from a model repository (its "
+                   "architectures are built in)"),
+    _VllmOnly(("--code-revision",), "value",
+              note="ignored: no code from a model repository is run"),
+    _VllmOnly(("--tokenizer-mode",), "value", values=("auto", "hf"),
+              refuse="only Hugging Face fast tokenizers are used: --tokenizer-mode auto"),
+    _VllmOnly(("--task",), "value", values=("auto", "generate", "embed", "embedding"),
+              refuse="every model serves generation and /v1/embeddings; scoring, classification "
+                     "and reward models are not supported"),
+    _VllmOnly(("--runner",), "value", values=("auto", "generate", "pooling"),
+              refuse="every model serves generation and /v1/embeddings (no draft runner)"),
+    _VllmOnly(("--distributed-executor-backend",), "value",
+              note="ignored: one process drives all of a host's devices (JAX SPMD); a mesh "
+                   "over several hosts uses --coordinator-address"),
+    _VllmOnly(("--scheduling-policy",), "value", values=("fcfs",),
+              refuse="requests are scheduled first come, first served: --scheduling-policy fcfs"),
+    _VllmOnly(("--limit-mm-per-prompt",), "value",
+              refuse="multimodal inputs are not supported (text models only)"),
+    _VllmOnly(("--hf-overrides",), "value",
+              refuse="edit config.json in a copy of the model folder and serve that folder"),
+    _VllmOnly(("--disable-fastapi-docs",), "flag", note="not needed: the server has no docs pages"),
+)
+
+
+def _add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "vLLM compatibility",
+        "vLLM flags with no counterpart here: accepted (with a note on stderr where they change "
+        "nothing) or refused with what to use instead; docs/vllm.md maps every flag")
+    for c in VLLM_ONLY:
+        if c.kind == "bool":
+            g.add_argument(*c.flags, dest=c.dest, action=argparse.BooleanOptionalAction,
+                           default=None, help=f"accepted, {c.note}; --no-{c.flags[0][2:]} is "
+                                              f"refused: {c.refuse}")
+            continue
+        if c.note:
+            help_text = f"accepted, {c.note}"
+        elif c.values:
+            help_text = f"{' | '.join(c.values)} accepted; anything else refused: {c.refuse}"
+        else:
+            help_text = f"refused: {c.refuse}"
+        if c.kind == "flag":
+            g.add_argument(*c.flags, dest=c.dest, action="store_true", help=help_text)
+        else:
+            g.add_argument(*c.flags, dest=c.dest, default=None, help=help_text,
+                           nargs="+" if c.kind == "values" else None)
+
+
+def _vllm_only_notes(args: argparse.Namespace) -> list[str]:
+    """Notes for the vLLM-only flags given that change nothing; UsageError for a refused one."""
+    notes = []
+    for c in VLLM_ONLY:
+        value = getattr(args, c.dest, None)
+        if value is None or (value is False and c.kind == "flag"):
+            continue
+        if c.kind == "value" and str(value) in c.values:
+            continue
+        on = value is not False
+        if c.kind in ("flag", "bool"):
+            shown = c.flags[0] if on else "--no-" + c.flags[0][2:]
+        else:
+            shown = f"{c.flags[0]} {' '.join(map(str, value)) if c.kind == 'values' else value}"
+        if c.note and on:
+            notes.append(f"{shown}: {c.note}")
+        else:
+            raise UsageError(f"{shown}: {c.refuse}")
+    return notes
+
+
+def _resolve_model(args: argparse.Namespace) -> None:
+    """`serve MODEL` and `--model` (and a config file's `model`) name one model."""
+    tag, flag = args.model_tag, args.model
+    if tag and flag and tag != flag:
+        raise UsageError(f"two models given: {tag!r} (positional) and --model {flag!r}; give one")
+    args.model = tag or flag or getattr(args, "config_model", None)
+
+
+def _resolve_mesh(args: argparse.Namespace) -> None:
+    """-tp / -dp into the --mesh string; an axis --mesh sets too must agree."""
+    from jaxserve.sharding import parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    given = ({part.split("=", 1)[0].strip() for part in args.mesh.split(",")}
+             if args.mesh else set())
+    changed = False
+    for axis, flag in (("tp", "--tensor-parallel-size"), ("dp", "--data-parallel-size")):
+        n = getattr(args, flag[2:].replace("-", "_"))
+        if n is None:
+            continue
+        if n < 1:
+            raise UsageError(f"{flag} must be at least 1, got {n}")
+        if axis in given and sizes[axis] != n:
+            raise UsageError(f"{flag} {n} disagrees with --mesh {args.mesh}; give one of them")
+        sizes[axis], changed = n, True
+    if changed:
+        args.mesh = f"dp={sizes['dp']},tp={sizes['tp']}"
+
+
+def _resolve_engine(args: argparse.Namespace) -> None:
+    _resolve_mesh(args)
+    override = args.num_gpu_blocks_override
+    if override is not None:
+        if override < 2:
+            raise UsageError(f"--num-gpu-blocks-override must be at least 2 (one block is the "
+                             f"null block), got {override}")
+        if args.num_kv_blocks is not None and args.num_kv_blocks != override - 1:
+            raise UsageError(f"--num-gpu-blocks-override {override} (= {override - 1} usable "
+                             f"blocks) disagrees with --num-kv-blocks {args.num_kv_blocks}; give "
+                             f"one of them")
+        args.num_kv_blocks = override - 1
+
+
+def _resolve_serve(args: argparse.Namespace) -> list[str]:
+    from jaxserve.config import default_sampling
+    from jaxserve.loading.hub import is_hub_id
+    from jaxserve.sampling.sampler import NUM_TOP_LOGPROBS
+
+    notes = _vllm_only_notes(args)
+    _resolve_model(args)
+    if args.max_logprobs == -1:
+        raise UsageError(f"--max-logprobs -1 (no limit) is not supported: the sampler computes "
+                         f"the top {NUM_TOP_LOGPROBS} logprobs on the device; use --max-logprobs "
+                         f"{NUM_TOP_LOGPROBS}")
+    if not 0 <= args.max_logprobs <= NUM_TOP_LOGPROBS:
+        raise UsageError(f"--max-logprobs must be in [0, {NUM_TOP_LOGPROBS}] (the sampler computes "
+                         f"the top {NUM_TOP_LOGPROBS} on the device), got {args.max_logprobs}")
+    if args.enable_log_requests and args.disable_log_requests:
+        raise UsageError("--enable-log-requests and --disable-log-requests: give one")
+    if args.generation_config not in ("auto", "vllm") and not os.path.isfile(
+            os.path.join(args.generation_config, "generation_config.json")):
+        raise UsageError(f"--generation-config {args.generation_config}: no "
+                         f"generation_config.json there (auto: the model's; vllm: none)")
+    if isinstance(args.override_generation_config, str):
+        try:
+            args.override_generation_config = json.loads(args.override_generation_config)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--override-generation-config is not JSON ({e.msg})") from None
+    if args.override_generation_config is not None and not isinstance(
+            args.override_generation_config, dict):
+        raise UsageError("--override-generation-config must be a JSON object")
+    default_sampling(None, args.override_generation_config)   # its fields and types, now
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise UsageError("--ssl-keyfile needs --ssl-certfile (the certificate to serve)")
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+    for flag in ("revision", "download_dir"):
+        if getattr(args, flag) and not (args.model and is_hub_id(args.model)):
+            notes.append(f"--{flag.replace('_', '-')} is ignored: it applies to hub models "
+                         f"(org/name), not to {args.model or 'the embedded default'}")
+    return notes
+
+
+def resolve_args(args: argparse.Namespace) -> list[str]:
+    """After parsing: vLLM's spellings folded into ours (model, mesh, KV blocks), refused flags
+    refused (UsageError). Returns the notes to print."""
+    if hasattr(args, "num_gpu_blocks_override"):
+        _resolve_engine(args)
+    if args.command == "serve":
+        return _resolve_serve(args)
+    return []
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -216,10 +619,10 @@ def _add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len
     p.add_argument("--sharegpt-output-len", type=int, default=None,
                    help="override the ShareGPT reply lengths")
     if num_prompts is not None:
-        p.add_argument("--num-prompts", type=int, default=num_prompts)
+        p.add_argument("--num-prompts", type=int, default=num_prompts, help="requests to send")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate exactly the requested output lengths (default on)")
-    p.add_argument("--temperature", type=float, default=0.0)
+                   help="generate exactly the requested output lengths")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
 
 
@@ -237,35 +640,43 @@ def cmd_bench(args) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks: throughput | latency | serve")
+    b = sub.add_parser("bench", help="benchmarks: throughput | latency | serve",
+                       formatter_class=_HelpFormatter)
     bs = b.add_subparsers(dest="bench", required=True)
-    t = bs.add_parser("throughput", help="offline: every prompt at once through the engine")
+    t = bs.add_parser("throughput", help="offline: every prompt at once through the engine",
+                      formatter_class=_HelpFormatter)
     _add_model_args(t)
     _add_engine_args(t)
     _add_workload_args(t, input_len=1024, output_len=128, num_prompts=1000)
-    la = bs.add_parser("latency", help="offline: end-to-end time of one batch, repeated")
+    la = bs.add_parser("latency", help="offline: end-to-end time of one batch, repeated",
+                       formatter_class=_HelpFormatter)
     _add_model_args(la)
     _add_engine_args(la)
     _add_workload_args(la, input_len=32, output_len=128, num_prompts=None)
-    la.add_argument("--batch-size", type=int, default=8)
-    la.add_argument("--num-iters-warmup", type=int, default=10)
-    la.add_argument("--num-iters", type=int, default=30)
-    sv = bs.add_parser("serve", help="online: stream requests to a running server over HTTP")
-    sv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    la.add_argument("--batch-size", type=int, default=8, help="prompts in the batch")
+    la.add_argument("--num-iters-warmup", type=int, default=10, help="untimed runs first")
+    la.add_argument("--num-iters", type=int, default=30, help="timed runs")
+    la.add_argument("--repeat-prompts", action="store_true",
+                    help="time the same batch every iteration (prefix-cache hits after the first "
+                         "run); off: fresh prompts each iteration")
+    sv = bs.add_parser("serve", help="online: stream requests to a running server over HTTP",
+                       formatter_class=_HelpFormatter)
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server to load")
     sv.add_argument("--served-model-name", default=None,
                     help="model name to request (default: the server's first /v1/models entry)")
-    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     sv.add_argument("--tokenizer", default=None, help="HF directory or .gguf file used to build "
                     "prompts (default: the embedded SmolLM2 tokenizer)")
     sv.add_argument("--vocab-size", type=int, default=None,
                     help="random token ids are drawn below this (default: the tokenizer's size)")
     _add_workload_args(sv, input_len=1024, output_len=128, num_prompts=1000)
     sv.add_argument("--request-rate", type=float, default=float("inf"),
-                    help="requests per second, Poisson arrivals (default inf: all at once)")
-    sv.add_argument("--max-concurrency", type=int, default=None)
+                    help="requests per second, Poisson arrivals (inf: all at once)")
+    sv.add_argument("--max-concurrency", type=int, default=None,
+                    help="most requests in flight at once (default: no limit)")
     sv.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
-    sv.add_argument("--seed", type=int, default=0)
-    sv.add_argument("--disable-tqdm", action="store_true")
+    sv.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
+    sv.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     for p in (t, la, sv):
         p.set_defaults(func=cmd_bench)
 
@@ -278,27 +689,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default command)")
-    _add_serve_args(s)
-    s.set_defaults(func=cmd_serve)
+    def command(name: str, help_text: str, func):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=_HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    g = sub.add_parser("generate", help="greedy answer to one prompt")
-    g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=256)
+    _add_serve_args(command("serve", "OpenAI-compatible HTTP server (the default command)",
+                            cmd_serve))
+    g = command("generate", "answer one prompt (greedy unless --temperature > 0)", cmd_generate)
+    g.add_argument("prompt", help="the prompt (in the chat template unless --raw)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    _add_sampling_args(g, max_tokens=256)
     _add_model_args(g)
-    g.set_defaults(func=cmd_generate)
-
-    c = sub.add_parser("chat", help="interactive chat in the terminal")
-    c.add_argument("--max-tokens", type=int, default=512)
+    c = command("chat", "interactive chat in the terminal", cmd_chat)
     c.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(c, max_tokens=512)
     _add_model_args(c)
-    c.set_defaults(func=cmd_chat)
-
-    v = sub.add_parser("convert", help="save a model's parameters as an orbax checkpoint")
+    v = command("convert", "save a model's parameters as an orbax checkpoint", cmd_convert)
     v.add_argument("--output", required=True)
     _add_model_args(v)
-    v.set_defaults(func=cmd_convert)
     _add_bench_parser(sub)
     return parser
 
@@ -320,23 +730,34 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
         dest = str(k).replace("-", "_")
         if dest not in known:
             raise ValueError(f"{path}: unknown setting {k!r}")
-        defaults[dest] = v
+        # NOTE: the file's model is the fallback of both spellings on the line (MODEL, --model)
+        defaults["config_model" if dest == "model" else dest] = v
     serve_parser.set_defaults(**defaults)
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(arguments, notes to print): `serve` is the command when none is named (`jaxserve MODEL`),
+    a --config file supplies defaults, vLLM's spellings are resolved. Raises ValueError (a usage
+    mistake; its message says what to use instead); argparse's own errors exit with status 2."""
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["serve"] + argv
+    parser = build_parser()
+    _apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    return args, resolve_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["serve"] + argv
-    parser = build_parser()
     try:
-        _apply_config_file(parser, argv)
-    except (OSError, ValueError) as e:
+        args, notes = parse_command_line(sys.argv[1:] if argv is None else argv)
+    except (OSError, ValueError) as e:   # a config file, UsageError, MeshError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    for note in notes:
+        print(f"jaxserve: {note}", file=sys.stderr)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -4,6 +4,9 @@
 only what the forward pass needs, normalised across transformers 4.x (`rope_theta`, `rope_scaling`)
 and 5.x (`rope_parameters`) spellings. Unknown or unsupported settings raise `ConfigError` naming the
 field instead of being silently ignored.
+
+`default_sampling` turns a model's `generation_config.json` into the server's default sampling
+parameters (vLLM's `--generation-config auto`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, TypedDict
 
 
 class ConfigError(ValueError):
@@ -162,3 +165,66 @@ def _rope_from_hf(hf: dict[str, Any], arch: str) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
     )
+
+
+# -- a model's recommended sampling (generation_config.json) --------------------------------------
+
+# The sampling fields of a Hugging Face `generation_config.json` that become a server's default
+# sampling parameters, with transformers' own defaults for them. NOTE: a field equal to its
+# transformers default says nothing about the model and is dropped (as `GenerationConfig.
+# to_diff_dict` drops it): `"top_k": 50` in a file is not a recommendation. `do_sample` is not read.
+GENERATION_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": None, "repetition_penalty": 1.0,
+    "max_new_tokens": None,
+}
+
+
+class DefaultSampling(TypedDict, total=False):
+    """Server-wide defaults for the sampling fields a request leaves out (`max_tokens` is HF's
+    `max_new_tokens`)."""
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    max_tokens: int
+
+
+def read_generation_config(folder: str) -> dict[str, Any] | None:
+    """`folder/generation_config.json` as a dict; None when the folder has none."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return values
+
+
+def default_sampling(generation_config: dict[str, Any] | None,
+                     overrides: dict[str, Any] | None = None) -> DefaultSampling:
+    """The default sampling parameters a generation config recommends, then `overrides` (kept
+    even where they equal a transformers default). Values are type-checked here; their ranges are
+    checked by `SamplingParams.validate` where the model is known."""
+    chosen = {k: v for k, v in (generation_config or {}).items()
+              if k in GENERATION_SAMPLING_DEFAULTS and v is not None
+              and v != GENERATION_SAMPLING_DEFAULTS[k]}
+    for k, v in (overrides or {}).items():
+        if k not in GENERATION_SAMPLING_DEFAULTS:
+            raise ConfigError(f"generation config override {k!r} is not a sampling field "
+                              f"({', '.join(GENERATION_SAMPLING_DEFAULTS)})")
+        if v is not None:
+            chosen[k] = v
+    out: DefaultSampling = {}
+    for k, v in chosen.items():
+        integer = k in ("top_k", "max_new_tokens")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                integer and not float(v).is_integer()):
+            raise ConfigError(f"generation config field {k!r} must be "
+                              f"{'an integer' if integer else 'a number'}, got {v!r}")
+        out["max_tokens" if k == "max_new_tokens" else k] = int(v) if integer else float(v)
+    return out

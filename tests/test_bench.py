@@ -86,12 +86,31 @@ def test_bench_throughput_and_latency_offline(tmp_path, capsys):
     assert json.loads((tmp_path / "t.json").read_text())["output_throughput"] > 0
     assert "Offline Throughput Benchmark Result" in capsys.readouterr().out
 
-    args = _args("latency", *common, "--batch-size", "3", "--input-len", "8", "--output-len", "4",
-                 "--num-iters-warmup", "1", "--num-iters", "3")
-    args.model = tiny_loaded()
-    args.compilation_cache_dir = None
-    res = run_latency(args)
-    assert len(res["latencies_s"]) == 3 and res["percentiles_s"]["50"] > 0
+
+
+def test_bench_latency_times_uncached_prefill(capsys):
+    """Prefix caching is on (the default) and each prompt spans two full pages, so a batch seen
+    before would be served from the cache: the timed iterations must find none of theirs there,
+    unless asked to repeat the batch."""
+    from jaxserve.bench.offline import run_latency
+    common = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "64",
+              "--num-kv-blocks", "32", "--batch-size", "3", "--input-len", "40", "--output-len", "4",
+              "--num-iters-warmup", "1", "--num-iters", "3"]
+    results = {}
+    for repeat in (False, True):
+        args = _args("latency", *common)
+        args.model = tiny_loaded()
+        args.compilation_cache_dir = None
+        args.repeat_prompts = repeat
+        results[repeat] = run_latency(args)
+    fresh, repeated = results[False], results[True]
+    assert len(fresh["latencies_s"]) == 3 and fresh["percentiles_s"]["50"] > 0
+    assert fresh["prefix_caching"] and not fresh["repeat_prompts"]
+    assert fresh["prefix_cache_queries"] == 3 * 3 * 40 and fresh["prefix_cache_hits"] == 0
+    assert repeated["prefix_cache_hits"] > 0       # the stat does see reuse
+    out = capsys.readouterr().out
+    assert "prompts: fresh each iteration; prefix cache: on, 0 of 360" in out
+    assert "the same batch every iteration (--repeat-prompts)" in out
 
 
 @pytest.fixture(scope="module")

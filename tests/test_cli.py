@@ -17,6 +17,18 @@ def test_generate_answers_from_embedded_default():
     assert "<|im_end|>" not in proc.stdout
 
 
+def test_generate_samples_through_the_engine_reproducibly():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "jaxserve", "generate", "Write a haiku about the sea.",
+           "--temperature", "0.8", "--top-p", "0.95", "--top-k", "40", "--max-tokens", "12",
+           "--seed", "7"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]
+    assert all(p.returncode == 0 for p in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout   # the seed fixes it
+    assert "<|im_end|>" not in runs[0].stdout
+
+
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(ROOT, "README.md")).read()
     ci = open(os.path.join(ROOT, ".ci", "run")).read()

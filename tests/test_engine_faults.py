@@ -178,3 +178,21 @@ def test_an_output_fault_fails_one_request_on_its_stream(smollm, monkeypatch, ca
 def _generate(core, rid, ids):
     core.add_request(rid, {"prompt_token_ids": ids}, SP)
     return _run(core)[rid].outputs[0].token_ids
+
+
+def test_a_fault_in_every_step_stops_the_engine(monkeypatch):
+    from jaxserve.engine.core import MAX_CONSECUTIVE_STEP_FAULTS
+    core = EngineCore(tiny_loaded(seed=14), EngineConfig(
+        max_model_len=32, max_num_seqs=2, max_num_batched_tokens=16, block_size=4,
+        num_kv_blocks=24, compilation_cache_dir=None, show_progress=False))
+
+    def broken(out):
+        raise RuntimeError("always")
+
+    monkeypatch.setattr(core.runner, "dispatch", broken)
+    failed = 0
+    with pytest.raises(RuntimeError, match="always"):
+        for i in range(10):   # each step fails the request it ran, until the limit
+            core.add_request(f"r{i}", {"prompt_token_ids": [4, 5]}, SP)
+            failed += sum(o.outputs[0].finish_reason == "error" for o in core.step())
+    assert failed == MAX_CONSECUTIVE_STEP_FAULTS - 1

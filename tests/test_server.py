@@ -55,12 +55,25 @@ def test_chat_completion(client):
 
 
 def test_neutral_structured_output_and_tool_fields_pass(client):
-    """What clients send by default (text format, no tools) is accepted; asking for JSON output,
-    tools or guided decoding is a 400 (the bad-input table below)."""
+    """What clients send by default (text format, no tools, tools with tool_choice "none") is
+    accepted, and tools under "none" are ignored: not rendered into the prompt, a plain text
+    answer. Asking for JSON output, tool calls or guided decoding is a 400 (the bad-input table)."""
+    msgs = [{"role": "user", "content": "Hi!"}]
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0.0)
     r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=4, temperature=0.0,
+        model=MODEL, messages=msgs, max_tokens=4, temperature=0.0,
         extra_body={"response_format": {"type": "text"}, "tools": [], "tool_choice": "none"})
     assert r.choices[0].finish_reason in ("stop", "length")
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    for kw in ({"tools": [weather], "tool_choice": "none"},
+               {"extra_body": {"functions": [weather["function"]], "function_call": "none"}}):
+        t = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                           temperature=0.0, **kw)
+        assert t.usage.prompt_tokens == plain.usage.prompt_tokens   # nothing rendered
+        assert t.choices[0].message.content == plain.choices[0].message.content
+        assert not t.choices[0].message.tool_calls
 
 
 def test_completion_and_echo(client):
@@ -210,7 +223,13 @@ BAD = [
     (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, None, 400, "response_format"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400,
      "tools"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto"}, None, 400, "tool_choice"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}, None, 400, "tool_choice"),
     (CHAT, {"messages": MSG, "tool_choice": "required"}, None, 400, "tool_choice"),
+    (CHAT, {"messages": MSG, "tools": ["f"], "tool_choice": "none"}, None, 400, "tools"),
+    (CHAT, {"messages": MSG, "functions": [{"name": "f"}]}, None, 400, "functions"),
     (COMP, {"prompt": "x", "guided_json": {"type": "object"}}, None, 400, "guided_json"),
     (CHAT, "this is not json", None, 400, None),
     (CHAT, {"messages": MSG, "pad": "x" * (2 << 20)}, None, 413, None),
@@ -235,6 +254,9 @@ def test_bad_input_gets_envelope_and_server_keeps_serving(live, path, body, head
     if status == 400 and param in ("prompt", "max_tokens") and isinstance(body, dict) and len(
             str(body.get("prompt", ""))) > 200:
         assert str(MAX_MODEL_LEN) in err["message"]  # names the numbers
+    if isinstance(body, dict) and (body.get("tools") or body.get("functions")) and (
+            body.get("tool_choice") != "none"):
+        assert "not supported by this server yet" in err["message"]
     ok = httpx.post(live.url + COMP, json={"prompt": "ok", "max_tokens": 2}, headers=HDR, timeout=60)
     assert ok.status_code == 200
     assert _wait_idle(live)
@@ -279,8 +301,17 @@ def test_64_concurrent_streams_complete(live):
     assert _wait_idle(live)
 
 
+def _finished(live) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(live.url + "/metrics").text.splitlines():
+        if line.startswith("jaxserve:request_success_total{"):
+            out[line.split('finished_reason="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_100_disconnecting_clients_free_everything(live):
     idle_usage = live.engine.get_stats()["kv_cache_usage_perc"]
+    before = _finished(live)
 
     async def main():
         return await asyncio.gather(*[_stream_client(live.url, i, stop_after=3) for i in range(100)])
@@ -290,6 +321,9 @@ def test_100_disconnecting_clients_free_everything(live):
     assert live.engine.get_stats()["kv_cache_usage_perc"] == idle_usage
     m = httpx.get(live.url + "/metrics").text
     assert f'jaxserve:kv_cache_usage_perc{{model_name="{MODEL}"}} {idle_usage}' in m
+    after = _finished(live)   # every stream is counted once: aborted, or finished before it noticed
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert sum(grew.values()) == 100 and grew.get("abort", 0) >= 50, grew
     t = time.time()
     ok = httpx.post(live.url + COMP, json={"prompt": "still here", "max_tokens": 3}, headers=HDR, timeout=30)
     assert ok.status_code == 200 and time.time() - t < 10
@@ -318,3 +352,18 @@ def test_queue_full_is_429_with_retry_after(smollm):
         assert _wait_idle(srv)
         ok = httpx.post(srv.url + COMP, json={"prompt": "x", "max_tokens": 2}, timeout=30)
         assert ok.status_code == 200
+
+
+def test_generation_config_defaults_fill_only_what_a_request_leaves_out(live):
+    live.state.default_sampling = {"temperature": 0.0, "max_tokens": 3}
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}]}
+        a = httpx.post(live.url + CHAT, json=body, headers=HDR, timeout=60).json()
+        b = httpx.post(live.url + CHAT, json=body, headers=HDR, timeout=60).json()
+        assert a["usage"]["completion_tokens"] <= 3 and a["choices"][0]["message"] == b["choices"][0][
+            "message"]   # greedy: the default temperature 0 applied
+        long = httpx.post(live.url + CHAT, json={**body, "max_tokens": 7, "ignore_eos": True},
+                          headers=HDR, timeout=60).json()
+        assert long["usage"]["completion_tokens"] == 7   # the request's own value wins
+    finally:
+        live.state.default_sampling = {}

@@ -33,11 +33,16 @@ from jaxserve.runner import exec_store
 from jaxserve.runner.compile import enable_persistent_cache
 from jaxserve.runner.model_runner import ModelRunner, Sampled
 from jaxserve.sampling.params import SamplingParams
+from jaxserve.sampling.sampler import NUM_TOP_LOGPROBS
 from jaxserve.scheduler.request import Request
 from jaxserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from jaxserve.sharding import splits_heads
 
 log = logging.getLogger("jaxserve.engine")
+
+# A fault in this many steps in a row is the engine's, not a request's: it stops (and the server
+# exits non-zero for its supervisor to restart it) rather than failing every request forever.
+MAX_CONSECUTIVE_STEP_FAULTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,14 @@ class EngineConfig:
     # RequestOutputs) while the device runs step N+1. The host never leaves the device idle; a
     # request that stopped in step N has its extra token in step N+1 dropped.
     async_scheduling: bool = True
+    # Compile every step executable at start-up, so that serving never compiles (the default).
+    # Off (`--enforce-eager`), each executable compiles when a step first needs it: start-up takes
+    # seconds instead of minutes, and the first step of each new shape waits for its compile
+    # (`compiles_after_warmup` then counts those compiles).
+    warmup: bool = True
+    # The most logprobs (top alternatives per token) a request may ask for; at most the sampler's
+    # fixed on-device top-K (NUM_TOP_LOGPROBS).
+    max_logprobs: int = NUM_TOP_LOGPROBS
     # Move everything alive once the engine is built (the block pool's page objects, the model's
     # structure, the process's modules) out of the cyclic GC's reach (gc.freeze): with ~200k pages,
     # a full collection walked ~300k objects and paused the step loop ~200 ms mid-generation.
@@ -143,6 +156,9 @@ class EngineCore:
         self.config = config
         self.tokenizer = lm.tokenizer
         cfg = lm.config
+        if not 0 <= config.max_logprobs <= NUM_TOP_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {NUM_TOP_LOGPROBS}] (the sampler computes "
+                             f"the top {NUM_TOP_LOGPROBS} on the device), got {config.max_logprobs}")
         on_cpu = jax.default_backend() == "cpu"
         self.max_model_len = int(config.max_model_len or cfg.max_position_embeddings)
         max_num_seqs = int(config.max_num_seqs or (16 if on_cpu else 256))
@@ -181,14 +197,22 @@ class EngineCore:
         # compiled executables next to XLA's cache (a warm start neither traces nor lowers)
         store = (os.path.join(cache_path, "jaxserve-executables")
                  if cache_path and exec_store.enabled() else None)
-        self.runner.warmup(progress=config.show_progress, store_dir=store)
-        if config.show_progress:
-            ws = self.runner.warmup_seconds
-            took = ws["trace_lower"] + ws["compile_after"] + ws["first_run"]
-            print(f"step executables: {ws['executables']} ready in {took:.1f}s ({ws['loaded']} "
-                  f"loaded from {store}, {ws['executables'] - ws['loaded']} compiled)" if store else
-                  f"step executables: {ws['executables']} compiled in {took:.1f}s",
-                  file=sys.stderr, flush=True)
+        if config.warmup:
+            self.runner.warmup(progress=config.show_progress, store_dir=store)
+            if config.show_progress:
+                ws = self.runner.warmup_seconds
+                took = ws["trace_lower"] + ws["compile_after"] + ws["first_run"]
+                print(f"step executables: {ws['executables']} ready in {took:.1f}s ({ws['loaded']} "
+                      f"loaded from {store}, {ws['executables'] - ws['loaded']} compiled)" if store
+                      else f"step executables: {ws['executables']} compiled in {took:.1f}s",
+                      file=sys.stderr, flush=True)
+        else:
+            # NOTE: without warm-up every compile from here on is one a step waits for: all count
+            # in compiles_after_warmup
+            self.runner.compile_counter.mark_warm()
+            if config.show_progress:
+                print("step executables: compiled on first use (warm-up off): the first step of "
+                      "each new batch shape waits for its compile", file=sys.stderr, flush=True)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
             and self.tokenizer.eos_token_id is not None else set())))
@@ -197,6 +221,7 @@ class EngineCore:
         self._sample_of: dict[str, tuple[_Group, _Sample]] = {}
         self._inflight = None   # (SchedulerOutput, handle) of the dispatched, unfetched step
         self._failed: list[RequestOutput] = []   # requests failed by a step fault, not yet returned
+        self._step_faults = 0                    # consecutive steps that raised
         # multi-host (jaxserve.distributed): the leader hands each step to the followers first
         self.step_listener = None
         self.broadcast = None
@@ -228,6 +253,10 @@ class EngineCore:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
         params.validate(self.lm.config.vocab_size)
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise InvalidRequestError("logprobs", f"at most {self.config.max_logprobs} logprobs per "
+                                                  f"token on this server (--max-logprobs), got "
+                                                  f"{params.logprobs}")
         n = len(prompt_ids)
         if n == 0:
             raise InvalidRequestError("prompt", "the prompt is empty")
@@ -338,6 +367,8 @@ class EngineCore:
         those of requests a step fault failed)."""
         try:
             outs = self._step_end(entry, snapshots) if entry is not None else []
+            if entry is not None:
+                self._step_faults = 0
         except Exception as e:  # noqa: BLE001 - see _recover
             self._recover(e, "completing a step")
             outs = []
@@ -351,8 +382,9 @@ class EngineCore:
         finish_reason "error" — and carry on: waiting requests and later ones are unaffected. When
         the device state was lost (a failed call after its buffers were donated), re-raise: the
         engine cannot continue."""
-        if not self.runner.state_intact():
-            raise exc
+        self._step_faults += 1
+        if not self.runner.state_intact() or self._step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
+            raise exc   # the engine cannot go on (or every step fails): let it stop visibly
         victims = [g for g in self._groups.values()
                    if any(s.finish_reason is None and s.req.num_computed_tokens > 0
                           or s.req.num_placeholders for s in g.samples)]

@@ -4,6 +4,7 @@
     llm = LLM()                                   # embedded default model
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(outs[0].outputs[0].text)
+    vecs = llm.embed(["Hello"])                   # pooled final hidden states, [D] float32 each
 
 For use inside your own JAX code, `llm.model_fn()` returns `(graphdef, params, forward)` where
 `forward(params, input_ids, positions, kv_caches, metadata)` is a pure function you can `jax.jit`.
@@ -107,6 +108,19 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[i] for i in ids]
+
+    def embed(self, prompts: Any, *, pooling_type: str = "LAST", normalize: bool = True,
+              add_special_tokens: bool = True) -> list:
+        """One float32 vector [D] (numpy) per prompt: the model's final hidden states (after the
+        final norm) pooled LAST (the last token's), MEAN or CLS (the first token's), then
+        L2-normalized unless `normalize=False`. prompts: as `generate`. Runs on the engine's own
+        weights (jaxserve/engine/embed.py); the first call of each size compiles."""
+        from jaxserve.engine.embed import Embedder, as_token_lists
+
+        ids = as_token_lists(prompts, self.tokenizer, add_special_tokens=add_special_tokens)
+        if getattr(self, "_embedder", None) is None:
+            self._embedder = Embedder.for_engine(self.engine)
+        return self._embedder.embed(ids, pooling_type=pooling_type, normalize=normalize)
 
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()

@@ -62,6 +62,15 @@ def _host_copy(x: jax.Array) -> jax.Array:
     return src
 
 
+def _count_ready(bar, pending: list[tuple]) -> None:
+    """Advance the warm-up bar to the number of executables ready: loaded, or compiled."""
+    ready = sum(not isinstance(e, concurrent.futures.Future) or e.done() for _, _, e in pending)
+    if ready > bar.n:
+        bar.update(ready - bar.n)   # the rate and time left follow these updates
+    else:
+        bar.refresh()
+
+
 def _no_src(num_tokens: int) -> np.ndarray:
     return np.full(num_tokens, -1, np.int32)
 
@@ -315,7 +324,9 @@ class ModelRunner:
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=2 * len(work), desc="compiling step executables", unit="step",
+            # NOTE: the bar counts executables ready (compiled or loaded), the unit of the summary
+            # line after it; its rate and time left follow the compiles, which dominate start-up
+            bar = tqdm(total=len(work), desc="compiling step executables", unit="exe",
                        file=sys.stderr)
         threads = (compile_threads or int(os.environ.get("JAXSERVE_COMPILE_THREADS", "0"))
                    or max(1, min(8, (os.cpu_count() or 1) // 2)))
@@ -335,16 +346,19 @@ class ModelRunner:
                     exe = pool.submit(fn.lower(*args, **static).compile, options)
                 pending.append((key, path, exe))
                 if bar is not None:
-                    bar.update()
+                    bar.set_postfix_str(f"lowered {len(pending) - loaded}", refresh=False)
+                    _count_ready(bar, pending)
             t1 = time.perf_counter()
+            if bar is not None:
+                for _ in concurrent.futures.as_completed(
+                        [e for _, _, e in pending if isinstance(e, concurrent.futures.Future)]):
+                    _count_ready(bar, pending)
             for key, path, exe in pending:
                 if isinstance(exe, concurrent.futures.Future):
                     exe = exe.result()
                     if store is not None:
                         store.save(path, exe)
                 self._exec[key] = exe
-                if bar is not None:
-                    bar.update()
         t2 = time.perf_counter()
         if bar is not None:
             bar.close()

@@ -1,14 +1,23 @@
 """The Starlette application: thin routes over the serving logic, plus the guard middleware.
 
-Middleware order (outermost first): CORS (when configured) -> Guard: request-body limit (413),
-API-key check on every path but /health and /metrics (constant-time compare, decided on the raw
-path), refusal while shutting down (503). Every error leaves as an OpenAI error envelope.
+Middleware order (outermost first): CORS (when configured) -> Guard: OPTIONS answered (204 with the
+path's `Allow`, 404 for an unknown path), request-body limit (413), API-key check on every path but
+/health, /metrics and /version (constant-time compare, decided on the raw path), refusal while
+shutting down (503). Every error leaves as an OpenAI error envelope.
+
+OPTIONS never reaches a handler and needs no key: browsers send CORS preflights without
+credentials, and the answer only lists the path's methods. CORS itself is opt-in
+(`allowed_origins`); with it, CORSMiddleware answers preflights from the allowed origins before the
+guard. Without it no CORS headers are sent, so browsers on other origins are refused. (vLLM allows
+every origin by default, which lets any web page a user opens drive a key-less server on their
+machine or network and read the answers; here an operator has to ask for that, with "*".)
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,28 +25,45 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
+from jaxserve.engine.embed import PoolerConfig
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
+from jaxserve.server.embeddings import EmbeddingService, create_embedding
 from jaxserve.server.errors import APIError, error_response
 from jaxserve.server.serving import ServerState, error_reply, read_json, request_id
 
-OPEN_PATHS = {"/health", "/metrics"}
+OPEN_PATHS = {"/health", "/metrics", "/version"}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("jaxserve")
+    except importlib.metadata.PackageNotFoundError:   # run from a source tree, not installed
+        from jaxserve import __version__
+        return __version__
+
+
+VERSION = _version()
 
 
 class GuardMiddleware:
     """Raw ASGI so that oversized bodies are cut off while streaming in, before buffering."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, state: ServerState):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, state: ServerState,
+                 routes: list[Route]):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
         self.state = state
+        self.routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "OPTIONS":
+            return await self.options(scope)(scope, receive, send)
         path = scope.get("raw_path", b"").split(b"?", 1)[0].decode("latin-1") or scope["path"]
         if path not in OPEN_PATHS:
             if self.api_key is not None:
@@ -77,6 +103,16 @@ class GuardMiddleware:
         except APIError as e:
             await e.response()(scope, receive, send)
 
+    def options(self, scope) -> Response:
+        """204 with the methods the path takes, without calling any handler; 404 when no route
+        has the path."""
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                allow = sorted({*(route.methods or ()), "OPTIONS"})
+                return Response(status_code=204, headers={"Allow": ", ".join(allow)})
+        return error_response(404, "not found")
+
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.server
@@ -92,15 +128,38 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.server
     stats = state.engine.get_stats() if state.engine is not None else None
+    if stats is not None:
+        # the embedder compiles each of its buckets on first use, by design: those are not the
+        # unexpected compiles this counter watches for in the generation engine's steps
+        embedding = request.app.state.embeddings.lowerings
+        stats = {**stats, "compiles_after_warmup": max(0, stats["compiles_after_warmup"] - embedding)}
     return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    max_len = state.engine.core.max_model_len if state.engine is not None else None
+    root = name if name in state.model_names else state.served_name   # an alias: what it serves
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "jaxserve",
+            "root": root, "max_model_len": max_len}
 
 
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    max_len = state.engine.core.max_model_len if state.engine is not None else None
-    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "jaxserve",
-             "root": name, "max_model_len": max_len} for name in state.model_names]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model_card(state, n) for n in state.model_names]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    name = request.path_params["model_id"]
+    try:
+        state.check_model({"model": name})   # 404 model_not_found for an unknown id
+    except APIError as e:
+        return e.response()
+    return JSONResponse(_model_card(state, name))
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": VERSION})
 
 
 async def tokenize(request: Request) -> Response:
@@ -155,7 +214,7 @@ async def detokenize(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     msg = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    return error_response(exc.status_code, msg)
+    return error_response(exc.status_code, msg, headers=exc.headers)   # 405 keeps its Allow
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -163,25 +222,36 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(state: ServerState, *, api_key: str | None = None, max_body_bytes: int = 32 << 20,
-              allowed_origins: list[str] | None = None) -> Starlette:
+              allowed_origins: list[str] | None = None,
+              pooler_config: str | dict | PoolerConfig | None = None,
+              max_embed_len: int | None = None) -> Starlette:
+    """`pooler_config`: how /v1/embeddings pools (vLLM's `--pooler-config`: JSON such as
+    '{"pooling_type": "MEAN", "normalize": false}', or a pooling type; default LAST, normalized).
+    `max_embed_len`: the longest input it embeds (default max_model_len, at most 8192; its
+    private KV cache holds this many tokens plus one engine step's)."""
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/embeddings", create_embedding, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
     middleware = []
     if allowed_origins:
         wildcard = "*" in allowed_origins
+        # any request header: browser clients send their own (the openai package: x-stainless-*)
         middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
                                      allow_credentials=not wildcard, allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"]))
+                                     allow_headers=["*"]))
     middleware.append(Middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
-                                 state=state))
+                                 state=state, routes=routes))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.server = state
+    app.state.embeddings = EmbeddingService(PoolerConfig.parse(pooler_config), max_embed_len)
     return app

@@ -98,14 +98,18 @@ async def create_chat_completion(request: Request) -> Response:
         add_gen = protocol.get(body, "add_generation_prompt", (bool,), True)
         stream = protocol.get(body, "stream", (bool,), False)
         opts = protocol.parse_stream_options(body)
-        params = protocol.sampling_params(body, default_max_tokens=None, logprobs=k)
+        params = protocol.sampling_params(body, default_max_tokens=None, logprobs=k,
+                                          defaults=state.default_sampling)
         params.validate(engine.core.lm.config.vocab_size)
+        server_max = state.default_sampling.get("max_tokens") if params.max_tokens is None else None
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; use /v1/completions with token ids")
         engine = state.admit(params.n)
         admitted = params.n
         ids = await render(state, engine.tokenizer, messages, template, add_gen,
                            from_request=body.get("chat_template") is not None)
+        if server_max is not None:   # the server's default, within the room the prompt leaves
+            params.max_tokens = max(1, min(server_max, engine.core.max_model_len - len(ids)))
         prepared = await prepare_prompts(engine, [ids], params)
     except Exception as e:
         state.release(admitted)

@@ -49,7 +49,8 @@ async def create_completion(request: Request) -> Response:
                                 "are not computed)", param="echo")
         stream = protocol.get(body, "stream", (bool,), False)
         opts = protocol.parse_stream_options(body)
-        params = protocol.sampling_params(body, default_max_tokens=16, logprobs=k)
+        params = protocol.sampling_params(body, default_max_tokens=16, logprobs=k,
+                                          defaults=state.default_sampling)
         params.validate(engine.core.lm.config.vocab_size)
         engine = state.admit(len(prompts) * params.n)
         admitted = len(prompts) * params.n

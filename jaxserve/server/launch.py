@@ -3,22 +3,34 @@ on a side thread so /health can answer 503 meanwhile, a watchdog for a dead engi
 SIGTERM: stop accepting, drain in-flight requests up to --shutdown-timeout, abort the rest, exit 0.
 Whatever is stuck, the process ends within --shutdown-timeout + 10 s of the first SIGTERM (a
 timer then exits hard), and at once on a second one.
+
+The load thread also resolves the model (a hub id, with --revision and --download-dir, to its
+snapshot folder), reads the generation config's default sampling (`app.state.default_sampling`)
+and takes --tokenizer's tokenizer. uvicorn gets --ssl-* (HTTPS), --root-path and the access-log
+switch; a stats line is logged every 10 s while there is work (--disable-log-stats), and each
+request with --enable-log-requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
-from typing import Any
+import time
+import uuid
+from typing import Any, AsyncIterator
 
 import uvicorn
 
+from jaxserve.config import DefaultSampling, default_sampling, read_generation_config
+from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.server.app import build_app
 from jaxserve.server.http import uvicorn_config
 from jaxserve.server.metrics import Metrics
@@ -72,25 +84,116 @@ class JaxServer(uvicorn.Server):
             await asyncio.sleep(0.2)
 
 
-def _banner(host: str, port: int, name: str, api_key: str | None) -> str:
+def _banner(host: str, port: int, name: str, api_key: str | None,
+            certfile: str | None = None) -> str:
+    """The ready line and a curl command that works as printed: the operator's own API key in it,
+    greedy sampling (a small model's sampled first answer is often nonsense), and over HTTPS the
+    server's certificate as curl's trust anchor (so a self-signed one verifies)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    auth = ' -H "Authorization: Bearer $JAXSERVE_API_KEY"' if api_key else ""
-    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}]})
-    return (f"\njaxserve is ready: http://{shown}:{port}/v1 (model {name!r})\n"
-            f"  curl http://{shown}:{port}/v1/chat/completions -H 'Content-Type: application/json'"
-            f"{auth} -d '{body}'\n")
+    if ":" in shown:   # IPv6 literal
+        shown = f"[{shown}]"
+    url = f"{'https' if certfile else 'http'}://{shown}:{port}/v1"
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + api_key)}" if api_key else ""
+    if certfile:
+        auth = f" --cacert {shlex.quote(certfile)}" + auth
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}],
+                       "temperature": 0})
+    return (f"\njaxserve is ready: {url} (model {name!r})\n"
+            f"  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} "
+            f"-d {shlex.quote(body)}\n")
 
 
-def build_serving_engine(args):
-    """The engine for the serve flags (every process of a multi-host job builds the same one)."""
+def model_source(args) -> str | None:
+    """What the loaders get as the model: a hub id is resolved here, with --revision and
+    --download-dir, to its local snapshot folder (where generation_config.json is read too)."""
+    from jaxserve.loading.hub import is_hub_id, resolve_hub_model
+
+    model = args.model
+    if model and is_hub_id(model) and not model.endswith(".gguf"):
+        return resolve_hub_model(model, revision=args.revision, cache_dir=args.download_dir,
+                                 config_only=args.load_format == "dummy")
+    return model
+
+
+def load_tokenizer(spec: str, *, revision: str | None = None, cache_dir: str | None = None):
+    """--tokenizer: a HF directory, a .gguf file (the tokenizer in its metadata) or a hub id."""
+    from jaxserve.loading.hub import is_hub_id
+    from jaxserve.tokenizer import TokenizerError, load_hf_tokenizer
+
+    if spec.endswith(".gguf") and os.path.isfile(spec):
+        from jaxserve.loading.gguf_loader import GGUFCheckpoint
+        return GGUFCheckpoint(spec).tokenizer()
+    if os.path.isdir(spec):
+        return load_hf_tokenizer(spec)
+    if is_hub_id(spec):
+        from transformers import AutoTokenizer
+        try:   # only the tokenizer's files are fetched (HF_HUB_OFFLINE honoured)
+            return AutoTokenizer.from_pretrained(spec, revision=revision, cache_dir=cache_dir)
+        except Exception as e:  # transformers raises many types here
+            raise TokenizerError(f"could not load the tokenizer {spec!r} from the Hugging Face "
+                                 f"hub or its cache: {type(e).__name__}") from None
+    raise TokenizerError(f"--tokenizer {spec!r} is not a directory, a .gguf file or a hub id "
+                         f"like org/name")
+
+
+def generation_defaults(args, source: str | None) -> DefaultSampling:
+    """--generation-config (and --override-generation-config): the sampling defaults for the
+    fields a request leaves out. `auto` reads the model folder's generation_config.json (a GGUF
+    file or a preset has none)."""
+    from jaxserve.sampling.params import SamplingParams
+
+    if args.generation_config == "vllm":
+        found = None
+    elif args.generation_config == "auto":
+        found = read_generation_config(source) if source and os.path.isdir(source) else None
+    else:
+        found = read_generation_config(args.generation_config)
+    defaults = default_sampling(found, args.override_generation_config)
+    SamplingParams(**defaults).validate()   # a bad value stops start-up, naming the field
+    return defaults
+
+
+def _load_with_tokenizer(args, source: str | None):
+    """The model with --tokenizer's tokenizer, its weights placed as `build_engine` places
+    replica 0's (each device receives only its shards as they load)."""
+    import jax
+    from jax.sharding import Mesh
+
+    from jaxserve.loading import load_model
+    from jaxserve.sharding import AXES, make_mesh, param_sharding, parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    shardings = None
+    if sizes["dp"] * sizes["tp"] > 1:
+        grid = make_mesh(args.mesh, jax.devices()[: sizes["dp"] * sizes["tp"]])
+        shardings = param_sharding(Mesh(grid.devices[:1], AXES))
+    tokenizer = load_tokenizer(args.tokenizer, revision=args.tokenizer_revision,
+                               cache_dir=args.download_dir)
+    lm = load_model(source, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                    shardings=shardings, load_tokenizer=False, progress=True)
+    return dataclasses.replace(lm, tokenizer=tokenizer)
+
+
+def serving_engine_config(args):
+    """The EngineConfig of the serve flags: the engine flags `jaxserve bench` shares, and the
+    serve-only --enforce-eager (no warm-up) and --max-logprobs."""
     from jaxserve.cli import engine_kwargs
-    from jaxserve.distributed import attach
     from jaxserve.engine.core import EngineConfig
+
+    return EngineConfig(**engine_kwargs(args), warmup=not args.enforce_eager,
+                        max_logprobs=args.max_logprobs)
+
+
+def build_serving_engine(args, source: str | None = None):
+    """The engine for the serve flags (every process of a multi-host job builds the same one).
+    `source`: the model as `model_source` resolved it (resolved here when not given)."""
+    from jaxserve.distributed import attach
     from jaxserve.engine.dp import build_engine
 
-    _, core = build_engine(args.model, EngineConfig(**engine_kwargs(args)), args.mesh,
-                           dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                           progress=True)
+    source = model_source(args) if source is None else source
+    model = _load_with_tokenizer(args, source) if args.tokenizer else source
+    _, core = build_engine(model, serving_engine_config(args), args.mesh, dtype=args.dtype,
+                           load_format=args.load_format, seed=args.seed, progress=True)
     attach(core)
     return core
 
@@ -121,8 +224,8 @@ def default_served_name(model: str | None) -> str:
 
 
 def _setup_logging() -> None:
-    """jaxserve's warnings and errors (client mistakes, request failures) on stderr, one line each
-    with a time stamp."""
+    """jaxserve's log lines on stderr, one each with a time stamp: warnings and errors (client
+    mistakes, request failures), the periodic stats, and requests with --enable-log-requests."""
     logger = logging.getLogger("jaxserve")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -132,8 +235,86 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+class RequestLoggingEngine(AsyncEngine):
+    """--enable-log-requests: a line when a request arrives (id, prompt, sampling parameters) and
+    one when it ends (finish reasons, tokens, seconds), on the `jaxserve.requests` logger."""
+
+    def __init__(self, core, *, max_log_len: int | None = None, **kw):
+        super().__init__(core, **kw)
+        self.max_log_len = max_log_len
+        self.log = logging.getLogger("jaxserve.requests")
+
+    async def generate(self, prompt: Any, params=None, request_id: str | None = None
+                       ) -> AsyncIterator:
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if text is None and ids is not None and self.tokenizer is not None:   # a chat's render
+            text = self.tokenizer.decode(ids[:self.max_log_len])
+        if text is not None and self.max_log_len is not None:
+            text = text[:self.max_log_len]
+        self.log.info("request %s: prompt %r%s, %s", request_id, text,
+                      f" ({len(ids)} tokens)" if ids is not None else "", params)
+        start, last = time.monotonic(), None
+        async with contextlib.aclosing(super().generate(prompt, params, request_id)) as outs:
+            try:
+                async for last in outs:
+                    yield last
+            finally:
+                if last is not None and last.finished:
+                    self.log.info("request %s finished: %s, %d tokens in %.2f s", request_id,
+                                  ", ".join(str(o.finish_reason) for o in last.outputs),
+                                  sum(len(o.token_ids) for o in last.outputs),
+                                  time.monotonic() - start)
+                else:
+                    self.log.info("request %s ended early (aborted or failed) after %.2f s",
+                                  request_id, time.monotonic() - start)
+
+
+async def log_stats(state: ServerState, interval: float = 10.0) -> None:
+    """Every `interval` seconds while there is work, one line on the `jaxserve.stats` logger:
+    prompt and generation throughput, running and waiting requests, KV cache use, prefix cache
+    hits (vLLM logs the same figures; --disable-log-stats turns it off)."""
+    log = logging.getLogger("jaxserve.stats")
+    before, then = None, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        if state.engine is None:
+            continue
+        stats, now = state.engine.get_stats(), time.monotonic()
+        if before is not None:
+            delta = {k: stats[k] - before[k] for k in ("prompt_tokens_total",
+                                                       "generation_tokens_total",
+                                                       "prefix_cache_queries", "prefix_cache_hits")}
+            if (delta["prompt_tokens_total"] or delta["generation_tokens_total"]
+                    or stats["num_requests_running"] or stats["num_requests_waiting"]):
+                queries = delta["prefix_cache_queries"]
+                hits = (f", prefix cache hits {100 * delta['prefix_cache_hits'] / queries:.1f}%"
+                        if queries else "")
+                log.info("prompt %.1f tokens/s, generation %.1f tokens/s; %d running, %d waiting; "
+                         "KV cache %.1f%% used%s", delta["prompt_tokens_total"] / (now - then),
+                         delta["generation_tokens_total"] / (now - then),
+                         stats["num_requests_running"], stats["num_requests_waiting"],
+                         100 * stats["kv_cache_usage_perc"], hits)
+        before, then = stats, now
+
+
+def _tls_and_proxy(args) -> dict[str, Any]:
+    """The uvicorn settings of --ssl-* (HTTPS), --root-path and --disable-uvicorn-access-log."""
+    extra: dict[str, Any] = {}
+    if args.ssl_certfile:
+        extra.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                     ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs)
+        if args.ssl_ciphers:
+            extra["ssl_ciphers"] = args.ssl_ciphers
+    if args.root_path:
+        extra["root_path"] = args.root_path
+    if args.disable_uvicorn_access_log:
+        extra["access_log"] = False
+    return extra
+
+
 def serve(args) -> int:
-    from jaxserve.engine.async_engine import AsyncEngine
     from jaxserve.server.templates import TemplateSandbox
 
     _setup_logging()
@@ -160,37 +341,52 @@ def serve(args) -> int:
     async def lifespan(app):
         srv = server_box["server"]
         srv.loop = asyncio.get_running_loop()
-        task = asyncio.create_task(srv.watchdog())
+        tasks = [asyncio.create_task(srv.watchdog())]
+        if not args.disable_log_stats:
+            tasks.append(asyncio.create_task(log_stats(state)))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         if sandbox is not None:
             sandbox.close()
         if state.engine is not None:
             state.engine.shutdown()
 
     app = build_app(state, api_key=api_key, max_body_bytes=args.max_request_body_bytes,
-                    allowed_origins=origins)
+                    allowed_origins=origins, pooler_config=args.pooler_config)
     app.router.lifespan_context = lifespan
+    extra = _tls_and_proxy(args)
     config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             header_timeout=args.http_header_timeout,
                             body_timeout=args.http_body_timeout,
                             max_connections_per_client=args.max_connections_per_client,
-                            shutdown_timeout=args.shutdown_timeout)
+                            shutdown_timeout=args.shutdown_timeout, **extra)
     server = JaxServer(config, state, args.shutdown_timeout)
     server_box["server"] = server
 
     def load() -> None:
         try:
-            core = build_serving_engine(args)
-            state.engine = AsyncEngine(core)
-            print(_banner(args.host, args.port, names[0], api_key), file=sys.stderr, flush=True)
+            source = model_source(args)
+            defaults = generation_defaults(args, source)
+            if defaults:
+                print(f"jaxserve: default sampling for the fields a request leaves out: {defaults} "
+                      f"(the generation config; --generation-config vllm ignores the model's)",
+                      file=sys.stderr, flush=True)
+            state.default_sampling = defaults   # set before the engine: requests get 503 till then
+            core = build_serving_engine(args, source)
+            state.engine = (RequestLoggingEngine(core, max_log_len=args.max_log_len)
+                            if args.enable_log_requests else AsyncEngine(core))
+            print(_banner(args.host, args.port, names[0], api_key, args.ssl_certfile),
+                  file=sys.stderr, flush=True)
         except BaseException as e:
             print(f"error: could not start the engine: {type(e).__name__}: {e}", file=sys.stderr,
                   flush=True)
             server.load_error = e
 
+    scheme = "https" if "ssl_certfile" in extra else "http"
     print(f"jaxserve: loading {args.model or 'the embedded default (SmolLM2-135M-Instruct)'}; "
-          f"http://{args.host}:{args.port}/health answers 503 until ready", file=sys.stderr, flush=True)
+          f"{scheme}://{args.host}:{args.port}/health answers 503 until ready", file=sys.stderr,
+          flush=True)
     threading.Thread(target=load, name="jaxserve-load", daemon=True).start()
     server.run()
     return server.exit_code

@@ -43,6 +43,7 @@ class ServerState:
     chat_template: str | None = None           # operator override
     trust_request_chat_template: bool = False
     template_sandbox: Any = None               # renders request templates (when trusted)
+    default_sampling: dict = dataclasses.field(default_factory=dict)   # --generation-config
     model_aliases: tuple[str, ...] = ()        # also accepted as `model`, never shown
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     inflight: int = 0                          # admitted sequences not yet answered in full
