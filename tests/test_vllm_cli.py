@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from jaxserve.cli import VLLM_ONLY, UsageError, build_parser, parse_command_line
+from jaxserve.arg_utils import VLLM_ONLY, UsageError
+from jaxserve.cli import build_parser, parse_command_line
 from jaxserve.server import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ from jaxserve.bench.metrics import format_report, write_json
 
 def build_llm(args):
     from jaxserve import LLM
-    from jaxserve.cli import engine_kwargs
+    from jaxserve.arg_utils import engine_kwargs
     return LLM(args.model, dtype=args.dtype, load_format=args.load_format, mesh=args.mesh,
                **engine_kwargs(args))
 

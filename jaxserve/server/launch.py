@@ -177,7 +177,7 @@ def _load_with_tokenizer(args, source: str | None):
 def serving_engine_config(args):
     """The EngineConfig of the serve flags: the engine flags `jaxserve bench` shares, and the
     serve-only --enforce-eager (no warm-up) and --max-logprobs."""
-    from jaxserve.cli import engine_kwargs
+    from jaxserve.arg_utils import engine_kwargs
     from jaxserve.engine.core import EngineConfig
 
     return EngineConfig(**engine_kwargs(args), warmup=not args.enforce_eager,
