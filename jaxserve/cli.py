@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         print(f"jaxserve: {note}", file=sys.stderr)
+    from jaxserve import logs
+    logs.configure()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -16,7 +16,6 @@ import gc
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -192,8 +191,8 @@ class EngineCore:
                                   max_model_len=self.max_model_len,
                                   attention_backend=backend, mesh=mesh)
         if config.show_progress:
-            print(memory_summary(lm, usable, config.block_size, kv_itemsize, tp, kv_shards,
-                                 self.max_model_len, max_num_seqs), file=sys.stderr, flush=True)
+            log.info("%s", memory_summary(lm, usable, config.block_size, kv_itemsize, tp,
+                                          kv_shards, self.max_model_len, max_num_seqs))
         # compiled executables next to XLA's cache (a warm start neither traces nor lowers)
         store = (os.path.join(cache_path, "jaxserve-executables")
                  if cache_path and exec_store.enabled() else None)
@@ -202,17 +201,17 @@ class EngineCore:
             if config.show_progress:
                 ws = self.runner.warmup_seconds
                 took = ws["trace_lower"] + ws["compile_after"] + ws["first_run"]
-                print(f"step executables: {ws['executables']} ready in {took:.1f}s ({ws['loaded']} "
-                      f"loaded from {store}, {ws['executables'] - ws['loaded']} compiled)" if store
-                      else f"step executables: {ws['executables']} compiled in {took:.1f}s",
-                      file=sys.stderr, flush=True)
+                log.info(f"step executables: {ws['executables']} ready in {took:.1f}s "
+                         f"({ws['loaded']} loaded from {store}, "
+                         f"{ws['executables'] - ws['loaded']} compiled)" if store
+                         else f"step executables: {ws['executables']} compiled in {took:.1f}s")
         else:
             # NOTE: without warm-up every compile from here on is one a step waits for: all count
             # in compiles_after_warmup
             self.runner.compile_counter.mark_warm()
             if config.show_progress:
-                print("step executables: compiled on first use (warm-up off): the first step of "
-                      "each new batch shape waits for its compile", file=sys.stderr, flush=True)
+                log.info("step executables: compiled on first use (warm-up off): the first step "
+                         "of each new batch shape waits for its compile")
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None
             and self.tokenizer.eos_token_id is not None else set())))

@@ -34,6 +34,9 @@ class LLM:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         from jaxserve.engine.dp import build_engine
+        if show_progress:   # the engine's status lines (memory plan, compiles) on stderr
+            from jaxserve import logs
+            logs.configure()
 
         self.loaded, self.engine = build_engine(
             model, EngineConfig(

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import logging
 import os
 import sys
 import time
@@ -44,6 +45,8 @@ from jaxserve.scheduler.buckets import make_buckets, pick_bucket
 from jaxserve.scheduler.output import NewSequence, SchedulerOutput
 from jaxserve.sharding import kv_cache_sharding, replicated, splits_heads
 from jaxserve.scheduler.request import PLACEHOLDER
+
+log = logging.getLogger("jaxserve.runner")
 
 
 @dataclasses.dataclass
@@ -439,8 +442,7 @@ class ModelRunner:
         except PeerAccessError as e:
             if peer_all_reduce_mode(mesh) == "on":
                 raise
-            print(f"jaxserve: peer all-reduce unavailable ({e}); using XLA's collectives",
-                  file=sys.stderr)
+            log.warning("peer all-reduce unavailable (%s); using XLA's collectives", e)
             return None
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from typing import Any, Sequence
 
 from jaxserve.sampling.params import SamplingParams
 

@@ -21,7 +21,6 @@ import logging
 import os
 import shlex
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -29,12 +28,15 @@ from typing import Any, AsyncIterator
 
 import uvicorn
 
+from jaxserve import logs
 from jaxserve.config import DefaultSampling, default_sampling, read_generation_config
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.server.app import build_app
 from jaxserve.server.http import uvicorn_config
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.serving import ServerState
+
+log = logging.getLogger("jaxserve.server")
 
 
 class JaxServer(uvicorn.Server):
@@ -203,11 +205,10 @@ def follow(args) -> int:
     from jaxserve.distributed import follow as follow_steps
     import jax
     core = build_serving_engine(args)
-    print(f"jaxserve: process {jax.process_index()} of {jax.process_count()} ready, following "
-          f"process 0", file=sys.stderr, flush=True)
+    log.info("process %d of %d ready, following process 0", jax.process_index(),
+             jax.process_count())
     steps = follow_steps(core)
-    print(f"jaxserve: process {jax.process_index()}: leader stopped after {steps} steps",
-          file=sys.stderr, flush=True)
+    log.info("process %d: leader stopped after %d steps", jax.process_index(), steps)
     return 0
 
 
@@ -221,18 +222,6 @@ def default_served_name(model: str | None) -> str:
         base = os.path.basename(os.path.normpath(model))
         return base[:-5] if base.endswith(".gguf") and len(base) > 5 else base
     return model
-
-
-def _setup_logging() -> None:
-    """jaxserve's log lines on stderr, one each with a time stamp: warnings and errors (client
-    mistakes, request failures), the periodic stats, and requests with --enable-log-requests."""
-    logger = logging.getLogger("jaxserve")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 class RequestLoggingEngine(AsyncEngine):
@@ -317,7 +306,7 @@ def _tls_and_proxy(args) -> dict[str, Any]:
 def serve(args) -> int:
     from jaxserve.server.templates import TemplateSandbox
 
-    _setup_logging()
+    logs.configure()
     names = args.served_model_name or [default_served_name(args.model)]
     aliases = tuple(a for a in (args.model,) if a and a not in names)
     chat_template = args.chat_template
@@ -369,24 +358,22 @@ def serve(args) -> int:
             source = model_source(args)
             defaults = generation_defaults(args, source)
             if defaults:
-                print(f"jaxserve: default sampling for the fields a request leaves out: {defaults} "
-                      f"(the generation config; --generation-config vllm ignores the model's)",
-                      file=sys.stderr, flush=True)
+                log.info("default sampling for the fields a request leaves out: %s (the "
+                         "generation config; --generation-config vllm ignores the model's)",
+                         defaults)
             state.default_sampling = defaults   # set before the engine: requests get 503 till then
             core = build_serving_engine(args, source)
             state.engine = (RequestLoggingEngine(core, max_log_len=args.max_log_len)
                             if args.enable_log_requests else AsyncEngine(core))
-            print(_banner(args.host, args.port, names[0], api_key, args.ssl_certfile),
-                  file=sys.stderr, flush=True)
+            log.info("%s", _banner(args.host, args.port, names[0], api_key, args.ssl_certfile))
         except BaseException as e:
-            print(f"error: could not start the engine: {type(e).__name__}: {e}", file=sys.stderr,
-                  flush=True)
+            log.error("could not start the engine: %s: %s", type(e).__name__, e)
             server.load_error = e
 
     scheme = "https" if "ssl_certfile" in extra else "http"
-    print(f"jaxserve: loading {args.model or 'the embedded default (SmolLM2-135M-Instruct)'}; "
-          f"{scheme}://{args.host}:{args.port}/health answers 503 until ready", file=sys.stderr,
-          flush=True)
+    log.info("loading %s; %s://%s:%s/health answers 503 until ready",
+             args.model or "the embedded default (SmolLM2-135M-Instruct)", scheme, args.host,
+             args.port)
     threading.Thread(target=load, name="jaxserve-load", daemon=True).start()
     server.run()
     return server.exit_code
