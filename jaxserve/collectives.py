@@ -6,7 +6,7 @@ Two implementations, chosen once per runner:
   * XLA's `psum` (NCCL or XLA's one-shot kernel): any backend, any number of processes;
   * `pallas_kernels.peer_all_reduce`: the GPUs of one process, through peer memory. XLA sees an
     ordinary kernel, so the step stays one CUDA graph per GPU and its launch has no per-collective
-    host cost (12-30 us of host time per all-reduce with XLA's collectives; docs/benchmarks.md).
+    host cost (12-30 us of host time per all-reduce with XLA's collectives; docs/benchmarks/2026-11-to-12.md).
     Needs peer access between the GPUs (NVLink or PCIe P2P) and one comm buffer per GPU, allocated
     by `PeerBuffers` and kept for the life of the runner.
 

@@ -3,7 +3,7 @@
 Why: XLA runs each collective (NCCL or its one-shot kernel) as a collective thunk. On every call
 of a multi-GPU executable each one costs 12-30 us of host time (the launch threads rendezvous),
 and it splits the step's CUDA graph in two: a tp=2 decode step of a 28-layer model pays that 57
-times (docs/benchmarks.md, docs/scaling.md). This all-reduce is a plain Triton kernel to XLA: the
+times (docs/benchmarks/2026-11-to-12.md, docs/scaling.md). This all-reduce is a plain Triton kernel to XLA: the
 step stays one CUDA graph per GPU and the host launches it like a one-GPU step.
 
 How: every GPU owns one "comm buffer", allocated once and kept for the life of the process, whose
@@ -46,7 +46,7 @@ import numpy as np
 # programs per call (fixed for the process: a chunk always belongs to the same program) and
 # elements per chunk. 2 x H100, 57 all-reduces of [64, 3584] bf16 per call (device time each):
 # 32 x 2048 10.6 us, 64 x 2048 8.6, 128 x 1024 8.4, 128 x 2048 8.0; of [2, 3584]: 5.0-6.0 us for
-# all (docs/benchmarks.md). JAXSERVE_PEER_GRID / JAXSERVE_PEER_BLOCK override them (experiments).
+# all (docs/benchmarks/2026-11-to-12.md). JAXSERVE_PEER_GRID / JAXSERVE_PEER_BLOCK override them (experiments).
 GRID = int(os.environ.get("JAXSERVE_PEER_GRID", "128"))
 BLOCK = int(os.environ.get("JAXSERVE_PEER_BLOCK", "1024"))
 FLAGS_AT = 4096

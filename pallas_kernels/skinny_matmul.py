@@ -2,7 +2,7 @@
 
 At decode batch sizes a projection is a weight read: the activation is a few KB, the weight tens
 to hundreds of MB. XLA's GEMMs read the Qwen2.5-7B shapes at 57-86% of the HBM ceiling at 64 rows
-and the tensor-parallel halves at 38-68% (docs/benchmarks.md, "the decode matmuls"): too few
+and the tensor-parallel halves at 38-68% (docs/benchmarks/2026-11-to-12.md, "the decode matmuls"): too few
 output tiles to keep every SM streaming, and the tile shapes chosen for compute. This kernel
 streams the weight instead. Grid (N / block_n column tiles, splits over K): each program walks its
 [~K / splits, block_n] slab of the weight `block_k` rows at a time (Triton pipelines the loads

@@ -85,7 +85,7 @@ def prefill_params(device_kind: str, group: int, head_dim: int,
 # (device_kind substring, q_heads per kv head, head_dim, page_size)
 #     -> (block_kv, stages, pingpong) of the Mosaic GPU prefill kernel (paged_prefill_mgpu)
 MGPU_PREFILL_TABLE: dict[tuple[str, int, int, int], tuple[int, int, bool]] = {
-    # NVIDIA H200, 2026-11-27, one 2048-token chunk, bf16 (docs/benchmarks.md, "Ragged paged
+    # NVIDIA H200, 2026-11-27, one 2048-token chunk, bf16 (docs/benchmarks/2026-11-to-12.md, "Ragged paged
     # prefill in Mosaic GPU"): ping-pong with 2 stages of 128 keys beat 4 x 64 (Qwen heads) and
     # 3 x 64 (Llama heads), and ping-pong off, by device time and per call; 3 x 128 does not fit
     # in shared memory at head_dim 128

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tp=2 against one GPU on the same 2-GPU machine, with the A/Bs the tp=2 step still owes
-# (docs/benchmarks.md, "Not measured yet"), in one go:
+# (docs/benchmarks/2026-11-to-12.md, "Not measured yet"), in one go:
 #   scripts/bench_tp2.sh [OUT_DIR] [MODEL] [bench_decode args ...]   (default: ./out/tp2, qwen2.5-7b)
 # Runs, in this order, `scripts/bench_decode.py --batches 1 64 --repeats 3
 # --max-num-batched-tokens 512 --phases` for: tp=2; one GPU (CUDA_VISIBLE_DEVICES=0); tp=2 with

@@ -1,4 +1,4 @@
-"""Draw the figures in docs/benchmarks.md from the recorded results in docs/results/*.json.
+"""Draw the figures in docs/performance.md and docs/benchmarks/ from docs/results/*.json.
 
     python scripts/plot_benchmarks.py        # writes docs/img/*.png (needs matplotlib)
 """

@@ -190,10 +190,10 @@ def test_fused_reference_equals_scatter_then_decode():
 
 
 def test_kv_layout_probe_streams_the_same_rows_as_its_reference():
-    """scripts/probe_kv_layout.py (a GPU experiment: page gathers by cache layout), interpret mode."""
+    """experiments/probe_kv_layout.py (a GPU experiment: page gathers by cache layout), interpret mode."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "probe_kv_layout.py"
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "probe_kv_layout.py"
     spec = importlib.util.spec_from_file_location("probe_kv_layout", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)

@@ -78,7 +78,7 @@ def _kernel_switch(var: str) -> str:
 
 def _fused_norm() -> bool:
     """The fused residual-add + RMSNorm kernel (JAXSERVE_FUSED_NORM): on by default on GPUs (an
-    H200 decode step 2% faster on one GPU, 2.5-7% under tp=2, docs/benchmarks.md)."""
+    H200 decode step 2% faster on one GPU, 2.5-7% under tp=2, docs/benchmarks/2026-11-to-12.md)."""
     return _kernel_switch("JAXSERVE_FUSED_NORM") != "off"
 
 

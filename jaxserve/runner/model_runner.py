@@ -458,7 +458,7 @@ class ModelRunner:
         """XLA options for the step executables. Tensor parallel on GPUs: small all-reduces (a
         decode step's [T, D] activations) use XLA's one-shot kernel over peer memory instead of
         NCCL, when the devices have peer access (XLA checks and falls back to NCCL otherwise);
-        measured +12% at batch 64 on 2 x H200 (docs/benchmarks.md). JAXSERVE_ONE_SHOT_ALL_REDUCE=0
+        measured +12% at batch 64 on 2 x H200 (docs/benchmarks/2026-11-to-12.md). JAXSERVE_ONE_SHOT_ALL_REDUCE=0
         turns it off."""
         tp = 1 if self.mesh is None else self.mesh.shape["tp"]
         if (tp > 1 and jax.default_backend() == "gpu"

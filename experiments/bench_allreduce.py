@@ -1,6 +1,6 @@
 """The peer-memory all-reduce against XLA's psum: same results, and what a chain of them costs.
 
-    python scripts/bench_allreduce.py [--rows 64] [--width 3584] [--chain 57]
+    python experiments/bench_allreduce.py [--rows 64] [--width 3584] [--chain 57]
 
 Needs two or more GPUs in this process. First checks that `pallas_kernels.peer_all_reduce` gives
 exactly XLA's psum (bit for bit) over several shapes and dtypes, and over many calls in a row of

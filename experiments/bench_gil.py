@@ -1,6 +1,6 @@
 """What a busy Python thread does to a thread that calls executables (the GIL hand-off).
 
-    python scripts/bench_gil.py [--switch-interval 0.005 0.001 0.0002]
+    python experiments/bench_gil.py [--switch-interval 0.005 0.001 0.0002]
 
 An executable call releases the GIL while XLA works; a second thread running Python then holds it
 until its switch interval runs out, so each call of the first thread can wait that long. The

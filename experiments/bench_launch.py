@@ -1,6 +1,6 @@
 """Host cost of launching one executable over several GPUs, and what each all-reduce adds to it.
 
-    python scripts/bench_launch.py --chain 228 --psum-every 0 4 2
+    python experiments/bench_launch.py --chain 228 --psum-every 0 4 2
 
 A chain of `--chain` dependent small matmuls ([64, 512] x [512, 512] bf16 then tanh: XLA cannot
 fuse them, so each is its own kernel) runs as one jitted executable: on one GPU, then the same

@@ -11,7 +11,7 @@ per tile, exactly as the decode kernel does, and only sums the rows (so nothing 
 away): no attention math. Same run: the read ceiling, then per layout the best tuning of a small
 sweep, and the decode kernel on the same shape for reference.
 
-    python scripts/probe_kv_layout.py [--batch 64] [--len 2048] [--heads qwen2.5-7b] [--interpret]
+    python experiments/probe_kv_layout.py [--batch 64] [--len 2048] [--heads qwen2.5-7b] [--interpret]
 
 `--interpret` runs a small case on the CPU against the jnp reference (the probe's own check).
 """
@@ -123,6 +123,10 @@ def main() -> None:
     if args.interpret:
         check_interpret()
         return
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "scripts"))
     from bench_attention import read_ceiling, timeit, timeit_chained
 
     from pallas_kernels.paged_decode import bytes_read, paged_decode_attention

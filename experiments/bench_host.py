@@ -1,7 +1,7 @@
 """Host time per engine step outside the device (CPU only, no model): scheduling, attention
 metadata, and applying the sampled tokens, for `--batches` running sequences in steady decode.
 
-    python scripts/bench_host.py --batches 64 256 --contexts 128 2048
+    python experiments/bench_host.py --batches 64 256 --contexts 128 2048
 
 Each (batch, context) case admits `batch` requests with `context`-token prompts, runs their
 prefill through the scheduler, then times `--steps` decode steps with async scheduling's order
@@ -9,7 +9,7 @@ prefill through the scheduler, then times `--steps` decode steps with async sche
 milliseconds of each phase. The device runs a 7-8B model's decode step in ~4-5 ms on one H100/H200,
 so these phases must stay well below that.
 
-    python scripts/bench_host.py --engine --batches 64 256 --output-len 512
+    python experiments/bench_host.py --engine --batches 64 256 --output-len 512
 
 times instead, on a tiny random model whose step executables are replaced by their first outputs
 (host work only), the runner's dispatch (metadata, input rows, packing) and the engine's output
@@ -70,7 +70,12 @@ def engine_host(batch: int, output_len: int, pages: int = 200_000,
                 input_len: int = 16) -> dict[str, float]:
     """Median ms per step of the runner's dispatch (its executables replaced by their first
     outputs, so only host work is timed) and of EngineCore._outputs, with and without snapshots."""
+    import os
+    import sys
+
     import jax.numpy as jnp
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "scripts"))
     from bench_decode import Phases
 
     from jaxserve import LLM

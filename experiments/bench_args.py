@@ -1,6 +1,6 @@
 """Host cost of an executable's argument count: many weight arrays vs the same weights stacked.
 
-    python scripts/bench_args.py [--weights 256]
+    python experiments/bench_args.py [--weights 256]
 
 A chain of `--weights` small matmuls (x = tanh(x @ w_i), [64, 128] x [128, 128] bf16: device time
 is small) runs as one executable, its weights passed either as that many separate arrays (as the
