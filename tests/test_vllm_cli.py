@@ -315,6 +315,10 @@ def test_vllm_style_command_line_serves_the_openai_client(smollm_path):
             model=name, temperature=0, max_tokens=16,
             messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in out.choices[0].message.content
+        emb = client.embeddings.create(model=name, input=["Paris", "the capital of France"])
+        vecs = [e.embedding for e in emb.data]
+        assert len(vecs) == 2 and len(vecs[0]) == 576 and emb.usage.prompt_tokens > 2
+        assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-3   # LAST pooling, normalized
     finally:
         proc.terminate()
         try:
