@@ -98,6 +98,30 @@ VLLM_ONLY: tuple[_VllmOnly, ...] = (
     _VllmOnly(("--hf-overrides",), "value",
               refuse="edit config.json in a copy of the model folder and serve that folder"),
     _VllmOnly(("--disable-fastapi-docs",), "flag", note="not needed: the server has no docs pages"),
+    _VllmOnly(("--async-scheduling",), "bool",
+              note="ignored: steps are always scheduled one ahead of the device",
+              refuse="scheduling one step ahead is always on here"),
+    _VllmOnly(("--compilation-config", "-O"), "value",
+              note="ignored: XLA compiles every step shape at start-up (--enforce-eager: on "
+                   "first use)"),
+    _VllmOnly(("--max-seq-len-to-capture",), "value",
+              note="ignored: there are no CUDA graphs to capture; every step shape is compiled"),
+    _VllmOnly(("--long-prefill-token-threshold",), "value",
+              note="ignored: long prompts are chunked under --max-num-batched-tokens"),
+    _VllmOnly(("--max-num-partial-prefills",), "value",
+              note="ignored: long prompts are chunked under --max-num-batched-tokens"),
+    _VllmOnly(("--enable-prompt-tokens-details",), "flag",
+              note="ignored: usage carries no prompt_tokens_details yet"),
+    _VllmOnly(("--chat-template-content-format",), "value", values=("auto", "string"),
+              refuse="message content is rendered as a string (text parts joined): "
+                     "--chat-template-content-format string"),
+    _VllmOnly(("--response-role",), "value", values=("assistant",),
+              refuse="answers carry the role assistant: --response-role assistant"),
+    _VllmOnly(("--disable-sliding-window",), "flag",
+              refuse="the model's sliding window (Mistral) is always applied: serve without "
+                     "--disable-sliding-window, capping --max-model-len instead"),
+    _VllmOnly(("--enable-sleep-mode",), "flag",
+              refuse="sleep mode is not supported: stop the server to free the GPU"),
 )
 
 
@@ -218,6 +242,12 @@ def _resolve_serve(args: argparse.Namespace) -> list[str]:
             args.override_generation_config, dict):
         raise UsageError("--override-generation-config must be a JSON object")
     default_sampling(None, args.override_generation_config)   # its fields and types, now
+    if args.api_keys_file and args.api_key:
+        raise UsageError("--api-key and --api-keys-file: give one (a key of the file may have no "
+                         "limits)")
+    if args.api_keys_file and args.usage_db is None:   # budgets need the usage database
+        from jaxserve.gateway.store import default_usage_db
+        args.usage_db = default_usage_db()
     if args.ssl_keyfile and not args.ssl_certfile:
         raise UsageError("--ssl-keyfile needs --ssl-certfile (the certificate to serve)")
     for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):

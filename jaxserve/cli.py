@@ -5,6 +5,8 @@
     jaxserve chat [--model M]                  interactive terminal chat
     jaxserve convert --model M --output DIR    save loaded parameters as an orbax checkpoint
     jaxserve bench throughput|latency|serve    benchmarks with `vllm bench`'s definitions
+    jaxserve cost --bench-json F --gpu-hour-usd X   self-hosted $/1M tokens beside an API's
+    jaxserve usage [--usage-db FILE] [--json]  per-key token usage the server recorded
 
 With no model, the embedded default (SmolLM2-135M-Instruct) is used. `python -m jaxserve` is the
 same command. `serve` takes `vllm serve` command lines: its flags mean what vLLM's mean, and the
@@ -182,7 +184,7 @@ def cmd_generate(args) -> int:
     answer = _answerer(lm, args)
     t0 = time.perf_counter()
     answer(ids, min(args.max_tokens, budget), sys.stdout)
-    print(f"[{time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    print(f"[answered in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
 
 
@@ -262,6 +264,17 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` "
                    "(also read from $JAXSERVE_API_KEY)")
+    gw = p.add_argument_group("keys, limits and usage (docs/gateway.md)")
+    gw.add_argument("--api-keys-file", default=None, metavar="YAML",
+                    help="named keys with per-key limits and budgets (configs/api-keys.example"
+                         ".yaml); re-read on SIGHUP; instead of --api-key")
+    gw.add_argument("--usage-db", default=None, metavar="PATH",
+                    help="SQLite file of per-key usage (default with --api-keys-file: "
+                         "$XDG_DATA_HOME/jaxserve/usage.db; without it nothing is recorded)")
+    gw.add_argument("--request-log", default=None, metavar="FILE|-",
+                    help="one JSON line per request (no prompt or completion text)")
+    gw.add_argument("--log-request-content", action="store_true",
+                    help="put the prompt and completion in the --request-log lines")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients send as `model`; the first is shown (default: the hub id, "
                         "or a local model's folder or file name)")
@@ -442,7 +455,7 @@ def _add_bench_parser(sub) -> None:
         p.set_defaults(func=cmd_bench)
 
 
-COMMANDS = ("serve", "generate", "chat", "convert", "bench")
+COMMANDS = ("serve", "generate", "chat", "convert", "bench", "cost", "usage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", required=True)
     _add_model_args(v)
     _add_bench_parser(sub)
+    from jaxserve import cost
+    cost.add_args(command("cost", "self-hosted $ per 1M tokens from a bench JSON, beside a hosted "
+                                  "API's, and the break-even daily volume", cost.cmd_cost))
+    from jaxserve.gateway import usage
+    usage.add_args(command("usage", "per-key usage recorded by the server (--usage-db)",
+                           usage.cmd_usage))
     return parser
 
 

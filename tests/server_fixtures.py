@@ -55,8 +55,10 @@ class LiveServer:
     def __init__(self, lm: LoadedModel, *, api_key: str | None = API_KEY, max_body_bytes: int = 1 << 20,
                  max_queued_requests: int = 1024, num_kv_blocks: int = 256,
                  trust_request_chat_template: bool = False, max_request_sequences: int = 256,
-                 http: dict | None = None):
-        core = EngineCore(lm, EngineConfig(
+                 http: dict | None = None, gateway=None, core: EngineCore | None = None):
+        """`gateway`: a jaxserve.gateway Gateway (keys, limits, usage; closed on exit);
+        `core`: an engine core to reuse (a restart over the same model, without a recompile)."""
+        core = core or EngineCore(lm, EngineConfig(
             max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
             num_kv_blocks=num_kv_blocks, compilation_cache_dir=None, show_progress=False))
         self.state = ServerState(model_names=[MODEL], metrics=Metrics(MODEL),
@@ -66,7 +68,9 @@ class LiveServer:
                                  template_sandbox=(TemplateSandbox(timeout_s=2.0)
                                                    if trust_request_chat_template else None))
         self.state.engine = AsyncEngine(core)
-        self.app = build_app(self.state, api_key=api_key, max_body_bytes=max_body_bytes)
+        self.gateway = gateway
+        self.app = build_app(self.state, api_key=api_key, max_body_bytes=max_body_bytes,
+                             gateway=gateway)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn_config(self.app, host="127.0.0.1", port=self.port,
@@ -86,6 +90,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.state.engine.shutdown()
+        if self.gateway is not None:
+            self.gateway.close()
         if self.state.template_sandbox is not None:
             self.state.template_sandbox.close()
 

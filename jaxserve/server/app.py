@@ -2,8 +2,9 @@
 
 Middleware order (outermost first): CORS (when configured) -> Guard: OPTIONS answered (204 with the
 path's `Allow`, 404 for an unknown path), request-body limit (413), API-key check on every path but
-/health, /metrics and /version (constant-time compare, decided on the raw path), refusal while
-shutting down (503). Every error leaves as an OpenAI error envelope.
+/health, /metrics and /version (decided on the raw path; the key is looked up by the gateway,
+`jaxserve/gateway/`, in constant time, and its entry travels to the handlers in the ASGI scope),
+refusal while shutting down (503). Every error leaves as an OpenAI error envelope.
 
 OPTIONS never reaches a handler and needs no key: browsers send CORS preflights without
 credentials, and the answer only lists the path's methods. CORS itself is opt-in
@@ -16,7 +17,6 @@ machine or network and read the answers; here an operator has to ask for that, w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import importlib.metadata
 
 from starlette.applications import Starlette
@@ -28,10 +28,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 
 from jaxserve.engine.embed import PoolerConfig
+from jaxserve.gateway.gate import SCOPE_KEY, Gateway, key_of
+from jaxserve.gateway.keys import KeyRing
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.embeddings import EmbeddingService, create_embedding
 from jaxserve.server.errors import APIError, error_response
+from jaxserve.server.metrics import CURRENT
 from jaxserve.server.serving import ServerState, error_reply, read_json, request_id
 
 OPEN_PATHS = {"/health", "/metrics", "/version"}
@@ -51,10 +54,10 @@ VERSION = _version()
 class GuardMiddleware:
     """Raw ASGI so that oversized bodies are cut off while streaming in, before buffering."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, state: ServerState,
+    def __init__(self, app, *, gateway: Gateway, max_body_bytes: int, state: ServerState,
                  routes: list[Route]):
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.gateway = gateway
         self.max_body = max_body_bytes
         self.state = state
         self.routes = routes
@@ -62,19 +65,23 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        CURRENT.set(self.state.metrics)   # error_reply counts this request's errors here
         if scope["method"] == "OPTIONS":
             return await self.options(scope)(scope, receive, send)
         path = scope.get("raw_path", b"").split(b"?", 1)[0].decode("latin-1") or scope["path"]
         if path not in OPEN_PATHS:
-            if self.api_key is not None:
-                supplied = b""
-                for k, v in scope.get("headers", []):
-                    if k == b"authorization":
-                        supplied = v[7:] if v[:7].lower() == b"bearer " else b""
-                if not hmac.compare_digest(supplied, self.api_key):
-                    return await error_response(401, "invalid or missing API key",
-                                                headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            supplied = b""
+            for k, v in scope.get("headers", []):
+                if k == b"authorization":
+                    supplied = v[7:] if v[:7].lower() == b"bearer " else b""
+            entry = self.gateway.authenticate(supplied)
+            if entry is None:
+                self.state.metrics.request_error(401)
+                return await error_response(401, "invalid or missing API key",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            scope.setdefault("state", {})[SCOPE_KEY] = entry
             if self.state.shutting_down:
+                self.state.metrics.request_error(503)
                 return await error_response(503, "the server is shutting down",
                                             headers={"Retry-After": "5"})(scope, receive, send)
         for k, v in scope.get("headers", []):
@@ -84,6 +91,7 @@ class GuardMiddleware:
                 except ValueError:
                     too_big = True
                 if too_big:
+                    self.state.metrics.request_error(413)
                     return await error_response(413, f"request body larger than {self.max_body} bytes"
                                                 )(scope, receive, send)
         seen = 0
@@ -101,6 +109,7 @@ class GuardMiddleware:
         try:
             await self.app(scope, limited_receive, send)
         except APIError as e:
+            self.state.metrics.request_error(e.status)
             await e.response()(scope, receive, send)
 
     def options(self, scope) -> Response:
@@ -133,7 +142,8 @@ async def metrics(request: Request) -> Response:
         # unexpected compiles this counter watches for in the generation engine's steps
         embedding = request.app.state.embeddings.lowerings
         stats = {**stats, "compiles_after_warmup": max(0, stats["compiles_after_warmup"] - embedding)}
-    return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+    text = state.metrics.render(stats) + request.app.state.gateway.render_metrics()
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 def _model_card(state: ServerState, name: str) -> dict:
@@ -145,7 +155,9 @@ def _model_card(state: ServerState, name: str) -> dict:
 
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    return JSONResponse({"object": "list", "data": [_model_card(state, n) for n in state.model_names]})
+    key = key_of(request.scope)   # a key limited to some models sees only those
+    return JSONResponse({"object": "list", "data": [_model_card(state, n) for n in state.model_names
+                                                    if key.allows(n)]})
 
 
 async def retrieve_model(request: Request) -> Response:
@@ -153,8 +165,9 @@ async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model_id"]
     try:
         state.check_model({"model": name})   # 404 model_not_found for an unknown id
-    except APIError as e:
-        return e.response()
+        request.app.state.gateway.check_model(key_of(request.scope), name)
+    except Exception as e:
+        return error_reply(e, request_id("model")).response()
     return JSONResponse(_model_card(state, name))
 
 
@@ -212,8 +225,23 @@ async def detokenize(request: Request) -> Response:
         return error_reply(e, rid).response()
 
 
+async def get_usage(request: Request) -> Response:
+    """The caller's usage rows (an admin key, the single --api-key or no key: everyone's);
+    `?since=YYYY-MM-DD` keeps the days from then on."""
+    gate: Gateway = request.app.state.gateway
+    key = key_of(request.scope)
+    since = request.query_params.get("since")
+    who = None if (key.admin or gate.single_key) else key.name
+    if gate.store is None or gate.store.db is None:
+        return error_response(404, "usage is not recorded on this server (start it with "
+                                   "--usage-db or --api-keys-file)")
+    rows = await asyncio.to_thread(gate.store.rows, key=who, since=since)
+    return JSONResponse({"object": "list", "data": rows})
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     msg = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    request.app.state.server.metrics.request_error(exc.status_code)
     return error_response(exc.status_code, msg, headers=exc.headers)   # 405 keeps its Allow
 
 
@@ -224,8 +252,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def build_app(state: ServerState, *, api_key: str | None = None, max_body_bytes: int = 32 << 20,
               allowed_origins: list[str] | None = None,
               pooler_config: str | dict | PoolerConfig | None = None,
-              max_embed_len: int | None = None) -> Starlette:
-    """`pooler_config`: how /v1/embeddings pools (vLLM's `--pooler-config`: JSON such as
+              max_embed_len: int | None = None, gateway: Gateway | None = None) -> Starlette:
+    """`gateway`: keys, limits and usage (`jaxserve/gateway/`); without one, `api_key` is the one
+    key (named "default", no limits), or no key is needed.
+    `pooler_config`: how /v1/embeddings pools (vLLM's `--pooler-config`: JSON such as
     '{"pooling_type": "MEAN", "normalize": false}', or a pooling type; default LAST, normalized).
     `max_embed_len`: the longest input it embeds (default max_model_len, at most 8192; its
     private KV cache holds this many tokens plus one engine step's)."""
@@ -240,7 +270,10 @@ def build_app(state: ServerState, *, api_key: str | None = None, max_body_bytes:
         Route("/v1/embeddings", create_embedding, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/usage", get_usage, methods=["GET"]),
     ]
+    if gateway is None:
+        gateway = Gateway(keys=KeyRing.single(api_key) if api_key else None)
     middleware = []
     if allowed_origins:
         wildcard = "*" in allowed_origins
@@ -248,10 +281,11 @@ def build_app(state: ServerState, *, api_key: str | None = None, max_body_bytes:
         middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
                                      allow_credentials=not wildcard, allow_methods=["GET", "POST"],
                                      allow_headers=["*"]))
-    middleware.append(Middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+    middleware.append(Middleware(GuardMiddleware, gateway=gateway, max_body_bytes=max_body_bytes,
                                  state=state, routes=routes))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.server = state
+    app.state.gateway = gateway
     app.state.embeddings = EmbeddingService(PoolerConfig.parse(pooler_config), max_embed_len)
     return app

@@ -10,6 +10,7 @@ template that never ends or floods memory costs its request a 400 and nothing el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import AsyncIterator
 
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jaxserve.engine.outputs import CompletionOutput
+from jaxserve.gateway.gate import key_of
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
@@ -74,12 +76,14 @@ async def render(state: ServerState, tokenizer, messages: list[dict], template: 
 
 async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    gate = request.app.state.gateway
     rid = request_id("chatcmpl")
-    admitted = 0
+    admitted, body = 0, None
     try:
         engine = state.ready_engine()
         body = await read_json(request)
         model = state.check_model(body)
+        gate.check_model(key_of(request.scope), model)   # first: 404 says nothing more
         messages = protocol.chat_messages(body)
         protocol.refuse_unsupported(body)
         want_lp = protocol.get(body, "logprobs", (bool,), False)
@@ -111,9 +115,13 @@ async def create_chat_completion(request: Request) -> Response:
         if server_max is not None:   # the server's default, within the room the prompt leaves
             params.max_tokens = max(1, min(server_max, engine.core.max_model_len - len(ids)))
         prepared = await prepare_prompts(engine, [ids], params)
+        ticket = gate.admit(request.scope, model=model, body=body, endpoint="chat", request_id=rid,
+                            prompt_tokens=len(ids), prompt_text=messages if gate.log_content else None)
     except Exception as e:
         state.release(admitted)
-        return error_reply(e, rid).response()
+        err = error_reply(e, rid)
+        gate.reject(request.scope, endpoint="chat", request_id=rid, status=err.status, body=body)
+        return err.response()
 
     created = int(time.time())
     prompt_tokens = len(prepared[0][1])
@@ -122,12 +130,18 @@ async def create_chat_completion(request: Request) -> Response:
         try:
             _, final = (await run_to_completion(request, state, engine, prepared, params, rid))[0]
         except Exception as e:
-            return error_reply(e, rid).response()
+            err = error_reply(e, rid)
+            ticket.finish(err.status)
+            return err.response()
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o, 0, k) if k is not None else None,
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
                    for o in final.outputs]
         completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+        ticket.engine_output(final)
+        ticket.add_completion(completion_tokens)
+        ticket.finish(200, [o.finish_reason for o in final.outputs],
+                      [o.text for o in final.outputs] if gate.log_content else None)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                              "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
@@ -138,29 +152,55 @@ async def create_chat_completion(request: Request) -> Response:
     async def events() -> AsyncIterator[str]:
         sent_text: dict[int, int] = {}
         sent_tok: dict[int, int] = {}
-        completion_tokens = 0
+        completion_tokens, status = 0, 200
+        reasons: dict[int, str | None] = {i: None for i in range(params.n)}
+        texts: dict[int, str] = {}
+        within_budget = True
         try:
             for i in range(params.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
-            async for _, out in run_merged(state, engine, prepared, params, rid):
-                for o in out.outputs:
-                    t0, n0 = sent_text.get(o.index, 0), sent_tok.get(o.index, 0)
-                    delta = o.text[t0:]
-                    new_tokens = len(o.token_ids) - n0
-                    completion_tokens += new_tokens
-                    sent_text[o.index], sent_tok[o.index] = len(o.text), len(o.token_ids)
-                    if not delta and o.finish_reason is None and (k is None or new_tokens == 0):
-                        continue
-                    yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
-                                  "logprobs": _chat_logprobs(o, n0, k) if k is not None else None,
-                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}])
-            if opts.include_usage:
+            async with contextlib.aclosing(run_merged(
+                    state, engine, prepared, params, rid,
+                    ended_by_server=lambda: not within_budget)) as outs:
+                async for _, out in outs:
+                    for o in out.outputs:
+                        t0, n0 = sent_text.get(o.index, 0), sent_tok.get(o.index, 0)
+                        delta = o.text[t0:]
+                        new_tokens = len(o.token_ids) - n0
+                        completion_tokens += new_tokens
+                        within_budget = ticket.add_completion(new_tokens) and within_budget
+                        sent_text[o.index], sent_tok[o.index] = len(o.text), len(o.token_ids)
+                        texts[o.index] = o.text
+                        # NOTE: a spent budget ends the sample as max_tokens would
+                        reason = o.finish_reason or (None if within_budget else "length")
+                        reasons[o.index] = reason
+                        if not delta and reason is None and (k is None or new_tokens == 0):
+                            continue
+                        yield chunk([{"index": o.index, "delta": {"content": delta} if delta else {},
+                                      "logprobs": _chat_logprobs(o, n0, k) if k is not None else None,
+                                      "finish_reason": reason,
+                                      "stop_reason": o.stop_reason if o.finish_reason else None}])
+                    if out.finished:
+                        ticket.engine_output(out)
+                    if not within_budget:   # the key's budget ran out: every sample ends here
+                        for i, r in reasons.items():
+                            if r is None:
+                                reasons[i] = "length"
+                                yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                                              "finish_reason": "length", "stop_reason": None}])
+                        break
+            if opts.include_usage or not within_budget:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))
         except Exception as e:
-            yield sse(error_reply(e, rid).body())
+            err = error_reply(e, rid)
+            status = err.status
+            yield sse(err.body())
         finally:
             state.release(admitted)
+            ended = status != 200 or all(reasons.values())   # else the client went away
+            ticket.finish(status if ended else 499, list(reasons.values()),
+                          [texts.get(i, "") for i in range(params.n)] if gate.log_content else None)
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import AsyncIterator
 
@@ -9,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jaxserve.engine.outputs import CompletionOutput
+from jaxserve.gateway.gate import key_of
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
@@ -32,12 +34,14 @@ def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset
 
 async def create_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
+    gate = request.app.state.gateway
     rid = request_id("cmpl")
-    admitted = 0
+    admitted, body = 0, None
     try:
         engine = state.ready_engine()
         body = await read_json(request)
         model = state.check_model(body)
+        gate.check_model(key_of(request.scope), model)   # first: 404 says nothing more
         prompts = protocol.completion_prompts(body)
         protocol.refuse_unsupported(body)
         k = protocol.get(body, "logprobs", (int,), None)
@@ -55,9 +59,15 @@ async def create_completion(request: Request) -> Response:
         engine = state.admit(len(prompts) * params.n)
         admitted = len(prompts) * params.n
         prepared = await prepare_prompts(engine, prompts, params)
+        ticket = gate.admit(request.scope, model=model, body=body, endpoint="completions",
+                            request_id=rid, prompt_tokens=sum(len(ids) for _, ids in prepared),
+                            prompt_text=prompts if gate.log_content else None)
     except Exception as e:
         state.release(admitted)
-        return error_reply(e, rid).response()
+        err = error_reply(e, rid)
+        gate.reject(request.scope, endpoint="completions", request_id=rid, status=err.status,
+                    body=body)
+        return err.response()
 
     tok = engine.tokenizer
     created = int(time.time())
@@ -70,7 +80,9 @@ async def create_completion(request: Request) -> Response:
         try:
             finals = await run_to_completion(request, state, engine, prepared, params, rid)
         except Exception as e:
-            return error_reply(e, rid).response()
+            err = error_reply(e, rid)
+            ticket.finish(err.status)
+            return err.response()
         choices, completion_tokens = [], 0
         for p in range(len(prepared)):
             tr, out = finals[p]
@@ -82,41 +94,77 @@ async def create_completion(request: Request) -> Response:
                     "logprobs": _logprobs_block(tok, o, 0, k, 0) if k is not None else None,
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
         prompt_tokens = sum(len(ids) for _, ids in prepared)
+        for p in range(len(prepared)):
+            ticket.engine_output(finals[p][1])
+        ticket.add_completion(completion_tokens)
+        ticket.finish(200, [c["finish_reason"] for c in choices],
+                      [c["text"] for c in choices] if gate.log_content else None)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                              "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
     async def events() -> AsyncIterator[str]:
         sent_text: dict[tuple[int, int], int] = {}
         sent_tok: dict[tuple[int, int], int] = {}
-        completion_tokens = 0
+        completion_tokens, status = 0, 200
+        reasons: dict[int, str | None] = {i: None for i in range(len(prepared) * n)}
+        texts: dict[int, str] = {}
+        within_budget = True
+
+        def frame(choices: list[dict], **extra) -> str:
+            return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "choices": choices, **extra})
+
         try:
-            async for tr, out in run_merged(state, engine, prepared, params, rid):
-                for o in out.outputs:
-                    key = (tr.prompt_index, o.index)
-                    first = key not in sent_text
-                    t0, n0 = sent_text.get(key, 0), sent_tok.get(key, 0)
-                    delta = (prompt_text(tr) if first and echo else "") + o.text[t0:]
-                    new_tokens = len(o.token_ids) - n0
-                    completion_tokens += new_tokens
-                    sent_text[key], sent_tok[key] = len(o.text), len(o.token_ids)
-                    if (not delta and o.finish_reason is None and (k is None or new_tokens == 0)
-                            and (tok is not None or new_tokens == 0)):
-                        continue  # e.g. half of a multi-byte character: wait for the rest
-                    choice = {"index": tr.prompt_index * n + o.index, "text": delta,
-                              "logprobs": _logprobs_block(tok, o, n0, k, t0) if k is not None else None,
-                              "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-                    if tok is None:   # no text to stream: each chunk carries its new token ids
-                        choice["token_ids"] = list(o.token_ids[n0:])
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                               "choices": [choice]})
-            if opts.include_usage:
+            async with contextlib.aclosing(run_merged(
+                    state, engine, prepared, params, rid,
+                    ended_by_server=lambda: not within_budget)) as outs:
+                async for tr, out in outs:
+                    for o in out.outputs:
+                        key = (tr.prompt_index, o.index)
+                        first = key not in sent_text
+                        t0, n0 = sent_text.get(key, 0), sent_tok.get(key, 0)
+                        delta = (prompt_text(tr) if first and echo else "") + o.text[t0:]
+                        new_tokens = len(o.token_ids) - n0
+                        completion_tokens += new_tokens
+                        within_budget = ticket.add_completion(new_tokens) and within_budget
+                        sent_text[key], sent_tok[key] = len(o.text), len(o.token_ids)
+                        index = tr.prompt_index * n + o.index
+                        texts[index] = o.text
+                        # NOTE: a spent budget ends the sample as max_tokens would
+                        reason = reasons[index] = o.finish_reason or (None if within_budget
+                                                                      else "length")
+                        if (not delta and reason is None and (k is None or new_tokens == 0)
+                                and (tok is not None or new_tokens == 0)):
+                            continue  # e.g. half of a multi-byte character: wait for the rest
+                        choice = {"index": index, "text": delta,
+                                  "logprobs": _logprobs_block(tok, o, n0, k, t0) if k is not None else None,
+                                  "finish_reason": reason,
+                                  "stop_reason": o.stop_reason if o.finish_reason else None}
+                        if tok is None:   # no text to stream: each chunk carries its new token ids
+                            choice["token_ids"] = list(o.token_ids[n0:])
+                        yield frame([choice])
+                    if out.finished:
+                        ticket.engine_output(out)
+                    if not within_budget:   # the key's budget ran out: every sample ends here
+                        for i, r in reasons.items():
+                            if r is None:
+                                reasons[i] = "length"
+                                yield frame([{"index": i, "text": "", "logprobs": None,
+                                              "finish_reason": "length", "stop_reason": None}])
+                        break
+            if opts.include_usage or not within_budget:
                 prompt_tokens = sum(len(ids) for _, ids in prepared)
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                yield frame([], usage=usage(prompt_tokens, completion_tokens))
         except Exception as e:  # an error after the stream started: SSE error event, then [DONE]
-            yield sse(error_reply(e, rid).body())
+            err = error_reply(e, rid)
+            status = err.status
+            yield sse(err.body())
         finally:
             state.release(admitted)
+            ended = status != 200 or all(reasons.values())   # else the client went away
+            ticket.finish(status if ended else 499, list(reasons.values()),
+                          [texts.get(i, "") for i in range(len(reasons))] if gate.log_content
+                          else None)
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from jaxserve.engine.embed import Embedder, PoolerConfig, check_token_inputs, input_limit
 from jaxserve.engine.outputs import InvalidRequestError
+from jaxserve.gateway.gate import key_of
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.serving import ServerState, error_reply, read_json, request_id, until_disconnected
@@ -110,6 +111,7 @@ async def create_embedding(request: Request) -> Response:
         engine = state.ready_engine()
         body = await read_json(request)
         model = state.check_model(body)
+        request.app.state.gateway.check_model(key_of(request.scope), model)   # the key's models
         req = protocol.embedding_request(body)
         core = engine.core
         dim = core.lm.config.hidden_size

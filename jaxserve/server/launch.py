@@ -8,7 +8,8 @@ The load thread also resolves the model (a hub id, with --revision and --downloa
 snapshot folder), reads the generation config's default sampling (`app.state.default_sampling`)
 and takes --tokenizer's tokenizer. uvicorn gets --ssl-* (HTTPS), --root-path and the access-log
 switch; a stats line is logged every 10 s while there is work (--disable-log-stats), and each
-request with --enable-log-requests.
+request with --enable-log-requests. The gateway (`jaxserve/gateway/`: --api-keys-file, --usage-db,
+--request-log) is built first, so a bad keys file stops start-up; SIGHUP re-reads the keys file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import uvicorn
 from jaxserve import logs
 from jaxserve.config import DefaultSampling, default_sampling, read_generation_config
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.gateway import build_gateway
 from jaxserve.server.app import build_app
 from jaxserve.server.http import uvicorn_config
 from jaxserve.server.metrics import Metrics
@@ -218,6 +220,12 @@ def default_served_name(model: str | None) -> str:
     unauthenticated /metrics carry this name)."""
     if not model:
         return "SmolLM2-135M-Instruct"
+    from jaxserve.loading import ModelNotFoundError, default_model_path
+    try:   # the embedded default is named alike however it is given
+        if os.path.abspath(model) == os.path.abspath(default_model_path()):
+            return "SmolLM2-135M-Instruct"
+    except ModelNotFoundError:
+        pass
     if os.path.exists(model):
         base = os.path.basename(os.path.normpath(model))
         return base[:-5] if base.endswith(".gguf") and len(base) > 5 else base
@@ -321,7 +329,10 @@ def serve(args) -> int:
                         chat_template=chat_template, model_aliases=aliases,
                         trust_request_chat_template=args.trust_request_chat_template,
                         template_sandbox=sandbox)
-    api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
+    api_key = None if args.api_keys_file else (args.api_key or os.environ.get("JAXSERVE_API_KEY")
+                                               or None)
+    gateway = build_gateway(api_key=api_key, keys_file=args.api_keys_file, usage_db=args.usage_db,
+                            request_log=args.request_log, log_content=args.log_request_content)
     origins = _origins(args.allowed_origins)
 
     server_box: dict[str, JaxServer] = {}
@@ -331,6 +342,8 @@ def serve(args) -> int:
         srv = server_box["server"]
         srv.loop = asyncio.get_running_loop()
         tasks = [asyncio.create_task(srv.watchdog())]
+        if args.api_keys_file:
+            srv.loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         if not args.disable_log_stats:
             tasks.append(asyncio.create_task(log_stats(state)))
         yield
@@ -338,10 +351,11 @@ def serve(args) -> int:
             task.cancel()
         if sandbox is not None:
             sandbox.close()
+        gateway.close()   # the last usage records and request-log lines
         if state.engine is not None:
             state.engine.shutdown()
 
-    app = build_app(state, api_key=api_key, max_body_bytes=args.max_request_body_bytes,
+    app = build_app(state, gateway=gateway, max_body_bytes=args.max_request_body_bytes,
                     allowed_origins=origins, pooler_config=args.pooler_config)
     app.router.lifespan_context = lifespan
     extra = _tls_and_proxy(args)

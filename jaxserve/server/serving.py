@@ -23,9 +23,10 @@ from starlette.requests import ClientDisconnect, Request
 
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDown
 from jaxserve.engine.outputs import InvalidRequestError, RequestFailedError, RequestOutput
+from jaxserve.gateway.gate import GatewayError
 from jaxserve.sampling.params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import APIError
-from jaxserve.server.metrics import Metrics
+from jaxserve.server.metrics import Metrics, count_error
 
 log = logging.getLogger("jaxserve.server")
 
@@ -149,6 +150,8 @@ def request_id(prefix: str) -> str:
 def as_api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, GatewayError):   # a key's limit, budget or model list
+        return APIError(e.status, e.message, param=e.param, code=e.code, headers=e.headers)
     if isinstance(e, (SamplingParamsError, InvalidRequestError)):
         return APIError(400, str(e), param=e.field)
     if isinstance(e, EngineShuttingDown):
@@ -176,6 +179,7 @@ def error_reply(e: BaseException, rid: str) -> APIError:
             err = APIError(500, f"internal server error (request {rid})")
     elif err.status not in (499,):
         log.warning("request %s: %d %s", rid, err.status, err.message[:300])
+    count_error(err.status)   # jaxserve:request_errors_total
     return err
 
 
@@ -204,10 +208,13 @@ class Tracked:
 
 
 async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tuple[str | None, list[int]]],
-                     params: SamplingParams, base: str
-                     ) -> AsyncIterator[tuple[Tracked, RequestOutput]]:
+                     params: SamplingParams, base: str, count_disconnect: bool = True,
+                     ended_by_server=None) -> AsyncIterator[tuple[Tracked, RequestOutput]]:
     """Run every prompt concurrently; yield (which, cumulative output) as updates arrive. The
-    engine request of prompt i is `{base}-{i}`."""
+    engine request of prompt i is `{base}-{i}`. A consumer that goes away first (a stream's client
+    disconnected) is counted as a 499 error unless `count_disconnect` is off (the caller replies
+    499 itself) or `ended_by_server()` says the caller stopped reading on purpose (a key's budget
+    ran out)."""
     queue: asyncio.Queue = asyncio.Queue()
     tracked = [Tracked(i, f"{base}-{i}", t, ids) for i, (t, ids) in enumerate(prepared)]
     done = object()
@@ -267,6 +274,10 @@ async def run_merged(state: ServerState, engine: AsyncEngine, prepared: list[tup
                     latest[item[0].prompt_index] = item
             for item in latest.values():
                 yield item
+    except (GeneratorExit, asyncio.CancelledError):
+        if count_disconnect and not (ended_by_server is not None and ended_by_server()):
+            state.metrics.request_error(499)
+        raise
     finally:
         for t in tasks:  # consumer gone (disconnect/cancel): abort everything still running
             if not t.done():
@@ -281,7 +292,8 @@ async def run_to_completion(request: Request, state: ServerState, engine: AsyncE
     the client disconnects first. Releases the request's admission in all cases."""
     async def collect():
         finals = {}
-        async for tr, out in run_merged(state, engine, prepared, params, base):
+        async for tr, out in run_merged(state, engine, prepared, params, base,
+                                        count_disconnect=False):   # error_reply counts the 499
             if out.finished:
                 finals[tr.prompt_index] = (tr, out)
         return finals
