@@ -25,9 +25,9 @@ run() {  # $1 = label, $2.. = extra serve flags
   local pid=$!
   for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/health >/dev/null && break; sleep 1; done
   local auth=(); [[ "$*" == *api-keys-file* ]] && auth=(--api-key "$KEY")
-  python3 -m jaxserve bench serve "${auth[@]}" --request-rate 1 --num-prompts 60 --input-len 256 \
+  python3 -m jaxserve bench serve "${auth[@]}" --tokenizer /tmp/smol --request-rate 1 --num-prompts 60 --input-len 256 \
     --output-len 64 --disable-tqdm --output-json "$OUT/rate1_$label.json" > /dev/null
-  python3 -m jaxserve bench serve "${auth[@]}" --max-concurrency 64 --num-prompts 640 \
+  python3 -m jaxserve bench serve "${auth[@]}" --tokenizer /tmp/smol --max-concurrency 64 --num-prompts 640 \
     --input-len 256 --output-len 128 --disable-tqdm --output-json "$OUT/conc64_$label.json" > /dev/null
   kill -TERM $pid; wait $pid || true
 }
