@@ -115,3 +115,21 @@ def hf_reference_smollm(tmp_path_factory, smollm_path, smollm_chat_prompts) -> R
             {"kind": "tokenize", "name": "tokenizer", "path": smollm_path,
              "out_dir": os.path.join(root, "tokenizer"), "texts": pc.TOKENIZER_TEXTS}]
     return _run_reference(root, jobs)
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache_leaks():
+    """A test that turns on JAX's persistent compilation cache (an engine built with a cache
+    directory) turns it off again after itself: later tests must not write every executable they
+    compile into it (XLA:CPU executables holding interpret-mode Pallas kernels crashed the process
+    while being written there)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    yield
+    if any(getattr(jax.config, k) != v for k, v in before.items()):
+        for k, v in before.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
