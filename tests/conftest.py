@@ -119,17 +119,20 @@ def hf_reference_smollm(tmp_path_factory, smollm_path, smollm_chat_prompts) -> R
 
 @pytest.fixture(autouse=True)
 def _no_persistent_cache_leaks():
-    """A test that turns on JAX's persistent compilation cache (an engine built with a cache
-    directory) turns it off again after itself: later tests must not write every executable they
-    compile into it (XLA:CPU executables holding interpret-mode Pallas kernels crashed the process
-    while being written there)."""
+    """JAX's persistent compilation cache is off when a test starts and again when it ends, so a
+    test (or a module fixture) that turned it on (an engine built with a cache directory) does not
+    leave later tests writing every executable they compile into it: XLA:CPU crashed the process
+    compiling interpret-mode Pallas kernels with the cache on. A test that wants the cache turns it
+    on itself (`compilation_cache_dir=...`)."""
+    _persistent_cache_off()
+    yield
+    _persistent_cache_off()
+
+
+def _persistent_cache_off():
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {k: getattr(jax.config, k) for k in keys}
-    yield
-    if any(getattr(jax.config, k) != v for k, v in before.items()):
-        for k, v in before.items():
-            jax.config.update(k, v)
+    if jax.config.jax_compilation_cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
         compilation_cache.reset_cache()
