@@ -7,16 +7,7 @@
 # hostile_load_h200.sh). Needs .whl/ and .devdata/tok in the repository root.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 - <<'PY'
-from transformers import AutoTokenizer
-from jaxserve.loading import load_model
-from jaxserve.loading.orbax_io import save_orbax
-lm = load_model("smollm2-135m", load_format="dummy", dtype="bfloat16")
-save_orbax(lm.model, lm.hf_config, "/tmp/smol", tokenizer=AutoTokenizer.from_pretrained(".devdata/tok"))
-PY
+source experiments/smol_on_gpu.sh
 KEY=sk-bench-0123456789
 printf 'keys:\n  - name: bench\n    key: %s\n    requests_per_minute: 100000\n    tokens_per_minute: 100000000\n    max_concurrent: 1000\n    token_budget: 100000000000\n    budget_period: day\n' "$KEY" > /tmp/keys.yaml
 run() {  # $1 = label, $2.. = extra serve flags

@@ -10,16 +10,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 BASELINE=${BASELINE:-60} ATTACK=${ATTACK:-180}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-python3 - <<'PY'
-from transformers import AutoTokenizer
-from jaxserve.loading import load_model
-from jaxserve.loading.orbax_io import save_orbax
-lm = load_model("smollm2-135m", load_format="dummy", dtype="bfloat16")
-save_orbax(lm.model, lm.hf_config, "/tmp/smol", tokenizer=AutoTokenizer.from_pretrained(".devdata/tok"))
-PY
+source experiments/smol_on_gpu.sh
 python3 -m jaxserve.cli serve --model /tmp/smol --port 8000 --http-header-timeout 5 \
   --http-body-timeout 10 --compilation-cache-dir "" > "$OUT/server.log" 2>&1 &
 SERVER=$!

@@ -3,7 +3,10 @@ SmolLM2 tokenizer (so text, chat templates and detokenization are the real ones;
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -98,3 +101,29 @@ class LiveServer:
     @property
     def engine(self) -> AsyncEngine:
         return self.state.engine
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def serve_tiny_process(tokenizer, out_dir: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A real `jaxserve serve` process (CPU) over the tiny chat model saved as an orbax checkpoint
+    in `out_dir/tiny` (served as "tiny"), with `flags` added; returns (process, base url) once
+    /health answers 200. The caller ends the process."""
+    from jaxserve.loading.orbax_io import save_orbax
+    lm = tiny_chat_model(tokenizer)
+    model_dir = save_orbax(lm.model, lm.hf_config, os.path.join(out_dir, "tiny"), tokenizer=lm.tokenizer)
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_dir, "--port", str(port),
+         "--max-model-len", "256", "--compilation-cache-dir", "", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc])
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url

@@ -12,21 +12,18 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.server_fixtures import (API_KEY, MAX_MODEL_LEN, LiveServer, free_port, tiny_chat_model,
-                                   wait_healthy)
+from tests.server_fixtures import (API_KEY, MAX_MODEL_LEN, LiveServer, serve_tiny_process,
+                                   tiny_chat_model)
 
 HDR = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NESTED_LOOPS = ("{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}"
                 "{% endfor %}{% endfor %}{% endfor %}")
 
@@ -290,20 +287,12 @@ def test_random_json_in_every_field_never_5xx(live):
 
 
 def test_sigterm_ends_the_process_while_templates_hang(smollm, tmp_path):
-    from jaxserve.loading.orbax_io import save_orbax
-    lm = tiny_chat_model(smollm.tokenizer)
-    model_dir = save_orbax(lm.model, lm.hf_config, str(tmp_path / "tiny"), tokenizer=lm.tokenizer)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_dir, "--port", str(port),
-         "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
-         "--num-kv-blocks", "64", "--compilation-cache-dir", "", "--shutdown-timeout", "2",
-         "--trust-request-chat-template", "--chat-template-timeout", "600"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc, url = serve_tiny_process(
+        smollm.tokenizer, str(tmp_path), "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+        "--num-kv-blocks", "64", "--shutdown-timeout", "2", "--trust-request-chat-template",
+        "--chat-template-timeout", "600")
+    model_dir = str(tmp_path / "tiny")
     try:
-        wait_healthy(url, [proc])
         # the served name of a local path is its last component; the path itself is not shown
         metrics = httpx.get(url + "/metrics").text
         assert model_dir not in metrics and 'model_name="tiny"' in metrics

@@ -2,10 +2,7 @@
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,14 +10,12 @@ import httpx
 import uvicorn
 from starlette.testclient import TestClient
 
-from jaxserve.loading.orbax_io import save_orbax
 from jaxserve.server.app import build_app
 from jaxserve.server.launch import JaxServer
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.serving import ServerState
-from tests.server_fixtures import LiveServer, free_port, tiny_chat_model, wait_healthy
+from tests.server_fixtures import LiveServer, serve_tiny_process, tiny_chat_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_health_is_503_until_the_engine_is_ready():
@@ -48,19 +43,10 @@ def test_dead_engine_makes_health_503_and_the_server_exit_nonzero(smollm):
 
 
 def test_sigterm_drains_inflight_streams_and_exits_0(smollm, tmp_path):
-    lm = tiny_chat_model(smollm.tokenizer)
-    model_dir = save_orbax(lm.model, lm.hf_config, str(tmp_path / "tiny"), tokenizer=lm.tokenizer)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_dir, "--port", str(port),
-         "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "8",
-         "--max-num-batched-tokens", "64", "--num-kv-blocks", "128", "--compilation-cache-dir", "",
-         "--shutdown-timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc, url = serve_tiny_process(
+        smollm.tokenizer, str(tmp_path), "--served-model-name", "tiny", "--max-num-seqs", "8",
+        "--max-num-batched-tokens", "64", "--num-kv-blocks", "128", "--shutdown-timeout", "60")
     try:
-        wait_healthy(url, [proc])
 
         results, started = [], threading.Barrier(5)
 

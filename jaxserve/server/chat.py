@@ -22,8 +22,9 @@ from jaxserve.gateway.gate import key_of
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
-from jaxserve.server.serving import (ServerState, error_reply, prepare_prompts, read_json,
-                                     request_id, run_merged, run_to_completion, sse, usage)
+from jaxserve.server.serving import (ServerState, end_unfinished, error_reply, prepare_prompts,
+                                     read_json, request_id, run_merged, run_to_completion, sse,
+                                     usage)
 from jaxserve.server.templates import TemplateRenderError
 from jaxserve.tokenizer import encode_chat
 
@@ -184,11 +185,9 @@ async def create_chat_completion(request: Request) -> Response:
                     if out.finished:
                         ticket.engine_output(out)
                     if not within_budget:   # the key's budget ran out: every sample ends here
-                        for i, r in reasons.items():
-                            if r is None:
-                                reasons[i] = "length"
-                                yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                                              "finish_reason": "length", "stop_reason": None}])
+                        for i in end_unfinished(reasons):
+                            yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                                          "finish_reason": "length", "stop_reason": None}])
                         break
             if opts.include_usage or not within_budget:
                 yield chunk([], usage=usage(prompt_tokens, completion_tokens))

@@ -14,8 +14,9 @@ from jaxserve.gateway.gate import key_of
 from jaxserve.sampling.params import MAX_LOGPROBS
 from jaxserve.server import protocol
 from jaxserve.server.errors import APIError
-from jaxserve.server.serving import (ServerState, error_reply, prepare_prompts, read_json,
-                                     request_id, run_merged, run_to_completion, sse, usage)
+from jaxserve.server.serving import (ServerState, end_unfinished, error_reply, prepare_prompts,
+                                     read_json, request_id, run_merged, run_to_completion, sse,
+                                     usage)
 
 
 def _logprobs_block(tokenizer, out: CompletionOutput, start: int, k: int, offset0: int) -> dict:
@@ -146,11 +147,9 @@ async def create_completion(request: Request) -> Response:
                     if out.finished:
                         ticket.engine_output(out)
                     if not within_budget:   # the key's budget ran out: every sample ends here
-                        for i, r in reasons.items():
-                            if r is None:
-                                reasons[i] = "length"
-                                yield frame([{"index": i, "text": "", "logprobs": None,
-                                              "finish_reason": "length", "stop_reason": None}])
+                        for i in end_unfinished(reasons):
+                            yield frame([{"index": i, "text": "", "logprobs": None,
+                                          "finish_reason": "length", "stop_reason": None}])
                         break
             if opts.include_usage or not within_budget:
                 prompt_tokens = sum(len(ids) for _, ids in prepared)

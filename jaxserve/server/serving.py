@@ -321,6 +321,15 @@ async def until_disconnected(request: Request, coro):
             task.cancel()
 
 
+def end_unfinished(reasons: dict[int, str | None]) -> list[int]:
+    """A key's budget ran out mid-stream: every sample without a finish reason ends with "length"
+    (as max_tokens would end it); returns their indices, for the caller's closing chunks."""
+    ended = [i for i, r in reasons.items() if r is None]
+    for i in ended:
+        reasons[i] = "length"
+    return ended
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
